@@ -1,0 +1,12 @@
+"""EDTalk networks in PyTorch, exact to the official checkpoints.
+
+    import edtalk
+    model = edtalk.load_model("EDTalk.pt", audio2lip="Audio2Lip.pt")
+    src = model.encode(images)                       # [B,3,S,S] in [-1,1]
+    frames = model.render(src, lip=lip, pose=pose, exp=exp)
+"""
+
+from . import audio
+from .errors import CheckpointError, EDTalkError, InputError
+
+__all__ = ["audio", "CheckpointError", "EDTalkError", "InputError"]
