@@ -7,6 +7,10 @@
 """
 
 from . import audio
+from .config import ModelConfig
 from .errors import CheckpointError, EDTalkError, InputError
+from .model import EDTalkModel, Source, load_model
+from .motion import Motion
 
-__all__ = ["audio", "CheckpointError", "EDTalkError", "InputError"]
+__all__ = ["audio", "CheckpointError", "EDTalkError", "EDTalkModel", "InputError", "ModelConfig", "Motion",
+           "Source", "load_model"]
