@@ -36,7 +36,7 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
     for the decoder's layers), which avoids 6-D reshapes in exported graphs.
     """
     b, c, h, w = x.shape
-    kh, kw = kernel.shape
+    c, kh, kw = int(c), int(kernel.shape[0]), int(kernel.shape[1])   # static for export (channels never vary)
     p0, p1 = pad
     weight = torch.flip(kernel, [0, 1]).to(x.dtype)[None, None].expand(c, 1, kh, kw)
     if up > 1:
