@@ -359,6 +359,6 @@ class EEM(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         if z is None:
             return x
-        if x.shape[0] != z.shape[0]:
+        if x.shape[0] == 1 and z.shape[0] > 1:
             x = x.expand(z.shape[0], -1, -1, -1)
         return x + self.norm2(self.conv2(x), z)

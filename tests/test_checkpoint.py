@@ -27,8 +27,14 @@ def _layout():
 def test_official_layout(file, family):
     spec = _layout()[file]
     cfg = spec["config"]
-    config = edtalk.ModelConfig(family=family, size=cfg["size"], style_dim=cfg["style_dim"],
-                                lip_dim=cfg["lip_dim"], pose_dim=cfg["pose_dim"], exp_dim=cfg["exp_dim"])
+    config = edtalk.ModelConfig(
+        family=family,
+        size=cfg["size"],
+        style_dim=cfg["style_dim"],
+        lip_dim=cfg["lip_dim"],
+        pose_dim=cfg["pose_dim"],
+        exp_dim=cfg["exp_dim"],
+    )
     gen = Generator(config)
     got = {k: list(v.shape) for k, v in gen.state_dict().items()}
     assert got == spec["tensors"]
@@ -44,8 +50,9 @@ def test_audio2lip_layout():
 @pytest.mark.parametrize("family,exp_dim", [("edtalk", 10), ("lip_pose", 0)])
 def test_config_roundtrip_other_sizes(family, exp_dim):
     """Size and widths are configuration: a non-official config is inferred back from its own tensors."""
-    cfg = edtalk.ModelConfig(family=family, size=32, widths=(24, 16, 12, 8), style_dim=64, exp_dim=exp_dim,
-                             eem_hidden=16 if exp_dim else 128)
+    cfg = edtalk.ModelConfig(
+        family=family, size=32, widths=(24, 16, 12, 8), style_dim=64, exp_dim=exp_dim, eem_hidden=16 if exp_dim else 128
+    )
     torch.manual_seed(0)
     sd = Generator(cfg).state_dict()
     model = edtalk.load_model({"gen": sd})
@@ -145,8 +152,9 @@ def test_no_qr_and_no_encoder_per_frame(monkeypatch):
     src = model.encode(torch.zeros(1, 3, 32, 32))
     calls = {"qr": 0, "enc": 0, "eem": 0}
     real_qr = torch.linalg.qr
-    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: (calls.__setitem__("qr", calls["qr"] + 1),
-                                                             real_qr(*a, **k))[1])
+    monkeypatch.setattr(
+        torch.linalg, "qr", lambda *a, **k: (calls.__setitem__("qr", calls["qr"] + 1), real_qr(*a, **k))[1]
+    )
     model.generator.enc.register_forward_hook(lambda *a: calls.__setitem__("enc", calls["enc"] + 1))
     for eem in model.generator.dec.fineadainresblock:
         eem.register_forward_hook(lambda *a: calls.__setitem__("eem", calls["eem"] + 1))

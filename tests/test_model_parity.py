@@ -12,8 +12,8 @@ import edtalk
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtures not found at {FIXTURES}")
 
-TOL = 1e-4       # codes, coefficients, bases
-TOL_IMG = 1e-3   # images
+TOL = 1e-4  # codes, coefficients, bases
+TOL_IMG = 1e-3  # images
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,7 +35,11 @@ def test_config_inferred(case):
     assert cfg.size == d["size"]
     assert cfg.channels == {int(k): int(v) for k, v in d["channels"].items()}
     assert (cfg.style_dim, cfg.lip_dim, cfg.pose_dim, cfg.exp_dim) == (
-        d["style_dim"], d["lip_dim"], d["pose_dim"], d["exp_dim"])
+        d["style_dim"],
+        d["lip_dim"],
+        d["pose_dim"],
+        d["exp_dim"],
+    )
 
 
 def test_encoder(case):
@@ -130,5 +134,5 @@ def test_source_broadcast_and_batch_consistency(case):
     exps = exp[:1] if exp is not None else None
     batch = model.render(src, lip=lips, pose=poses, exp=exps)
     for k in range(lips.shape[0]):
-        one = model.render(src, lip=lips[k:k + 1], pose=poses[k:k + 1], exp=exps)
-        assert _max_err(batch[k:k + 1], one) < 1e-4
+        one = model.render(src, lip=lips[k : k + 1], pose=poses[k : k + 1], exp=exps)
+        assert _max_err(batch[k : k + 1], one) < 1e-4
