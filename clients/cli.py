@@ -1,0 +1,210 @@
+"""The ``edtalk-live`` command line.
+
+    edtalk-live render --weights DIR --image face.jpg --audio speech.wav --out out.mp4
+        [--pose-video clip.mp4 | --still] [--emotion happy | --exp-video clip.mp4]
+        [--batch-size N] [--device cpu] [--no-progress] [-v]
+
+User errors (missing or unreadable files, bad options, wrong weights) print one line
+``error: ...`` on stderr and return a non-zero exit code, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from edtalk.errors import EDTalkError
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per job."""
+    parser = argparse.ArgumentParser(
+        prog="edtalk-live",
+        description="Talking-face video from a face image and speech, with EDTalk.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    render = commands.add_parser(
+        "render",
+        help="render an mp4 from a face image and an audio file",
+        description="Render a talking-face mp4 (H.264 + AAC, 25 fps) from a face image and speech.",
+    )
+    render.add_argument(
+        "--weights",
+        required=True,
+        metavar="DIR",
+        help="folder with EDTalk.pt or EDTalk_lip_pose.pt, Audio2Lip.pt, predefined_exp_weights/",
+    )
+    render.add_argument("--image", required=True, help="face image, the face filling a square crop")
+    render.add_argument("--audio", required=True, help="speech: any audio or video file with sound")
+    render.add_argument("--out", required=True, help="output .mp4 (written atomically)")
+    pose = render.add_mutually_exclusive_group()
+    pose.add_argument(
+        "--pose-video", metavar="CLIP", help="drive head motion with this video (25 fps, looped)"
+    )
+    pose.add_argument("--still", action="store_true", help="keep the head pose of the image (the default)")
+    exp = render.add_mutually_exclusive_group()
+    exp.add_argument("--emotion", metavar="NAME", help="expression preset, e.g. happy (EDTalk.pt only)")
+    exp.add_argument(
+        "--exp-video", metavar="CLIP", help="drive the expression with this video (EDTalk.pt only)"
+    )
+    render.add_argument("--batch-size", type=int, default=8, metavar="N", help="frames per decoder call (8)")
+    render.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (cpu)")
+    render.add_argument(
+        "--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+        help="inference backend (torch); onnxruntime/tensorrt export the graphs into the cache on first use",
+    )
+    render.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    render.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    render.set_defaults(run=_run_render)
+
+    export = commands.add_parser(
+        "export",
+        help="export the networks to ONNX, one graph per stage",
+        description="Export encoder, motion reader, Audio2Lip, expression features and the per-frame decoder "
+        "to ONNX (dynamic batch), check them (onnx.checker, TensorRT operator set) and verify them against "
+        "PyTorch with ONNX Runtime.",
+    )
+    export.add_argument("--weights", required=True, metavar="DIR", help="folder with the official weights")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder for the .onnx files and manifest.json")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
+    export.add_argument("--no-simplify", action="store_true", help="skip graph simplification (onnxslim)")
+    export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    export.set_defaults(run=_run_export)
+
+    build = commands.add_parser(
+        "build",
+        help="build TensorRT engines from an ONNX export",
+        description="Build serialized TensorRT engines (cached by GPU, TensorRT version and ONNX hash).",
+    )
+    build.add_argument("--onnx", required=True, metavar="DIR", help="folder written by `edtalk-live export`")
+    build.add_argument("--out", metavar="DIR", help="engine cache folder (default: the user cache)")
+    build.add_argument("--fp16", action="store_true", help="allow FP16 kernels (overflow-prone layers stay FP32)")
+    build.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch of the profile (64)")
+    build.set_defaults(run=_run_build)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure frames per second of the per-frame path (benchmarks/fps.py)",
+        description="Frames per second of each backend; all arguments go to benchmarks/fps.py (see --help there).",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_run_bench)
+    return parser
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import edtalk
+    from edtalk.weights import find_weights
+    from export.onnx import export_model
+
+    weights = find_weights(args.weights)
+    model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip)
+    stages = 5 if model.has_expression else 4
+    with tqdm(total=stages, desc="export", unit="graph") as bar:
+        started: list[str] = []
+
+        def progress(stage: str) -> None:  # called before each stage
+            if started:
+                bar.update(1)
+            started.append(stage)
+            bar.set_postfix_str(stage)
+
+        graphs = export_model(model, args.out, opset=args.opset, simplify=not args.no_simplify,
+                              verify=not args.no_verify, progress=progress)
+        bar.update(bar.total - bar.n)
+    cfg = model.config
+    print(f"wrote {len(graphs)} graphs to {args.out} ({cfg.family}, {cfg.size}px, opset {args.opset}):")
+    for g in graphs:
+        err = f"max |ORT - torch| {max(g.max_error.values()):.1e}" if g.max_error else "not verified"
+        print(f"  {g.path.name:<18} {g.size_mb:7.1f} MB  inputs {', '.join(g.inputs)}  ({err})")
+    return 0
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from engines.trt_build import BuildOptions, build_all
+
+    engines = build_all(args.onnx, args.out, BuildOptions(fp16=args.fp16, max_batch=args.max_batch))
+    for stage, path in engines.items():
+        print(f"  {stage:<12} {path}")
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from benchmarks.fps import main as bench_main
+
+    return bench_main(args.args)
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from .render import render_file  # imports torch and the model: only when rendering
+
+    summary = render_file(
+        weights_dir=args.weights,
+        image=args.image,
+        audio=args.audio,
+        out=args.out,
+        pose_video=args.pose_video,
+        still=args.still,
+        emotion=args.emotion,
+        exp_video=args.exp_video,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        backend=args.backend,
+    )
+    print(
+        f"wrote {summary.out}: {summary.frames} frames, {summary.seconds:.2f} s at {summary.fps} fps "
+        f"({summary.family}, {summary.elapsed:.1f} s)"
+    )
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _oserror_message(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code (0 on success)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage or help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except EDTalkError as exc:
+        logger.debug("user error", exc_info=True)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+    except OSError as exc:  # disk full, permission denied, ... at the edges
+        logger.debug("OS error", exc_info=True)
+        print(f"error: {_one_line(_oserror_message(exc))}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
