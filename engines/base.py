@@ -161,7 +161,7 @@ class Renderer(abc.ABC):
             return torch.zeros(0, self.config.lip_dim)
         return torch.cat([self._audio_to_lip(mel[i: i + batch_size]) for i in range(0, mel.shape[0], batch_size)])
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release device memory and sessions."""
 
     def __enter__(self) -> Renderer:

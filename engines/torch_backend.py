@@ -21,7 +21,7 @@ GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class _GraphedDecoder:
-    """A decoder captured in a CUDA graph for one (frame batch, source batch) pair; inputs copied into static buffers."""
+    """A decoder captured in a CUDA graph for one (frame batch, source batch); inputs are copied into static buffers."""
 
     def __init__(self, decoder: torch.nn.Module, latent: torch.Tensor, feats: Sequence[torch.Tensor]):
         self.latent = latent.clone()

@@ -90,6 +90,22 @@ def _simplify(path: Path) -> bool:
     return True
 
 
+def name_batch_axes(path: Path, spec: StageSpec) -> None:
+    """(Re)name axis 0 of every input and output: ``src_batch`` for broadcast inputs, else ``batch``.
+
+    Simplifiers may merge or rename symbolic dimensions; TensorRT treats equally named axes as
+    equal at run time, so the names must say exactly which batches are tied together.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for value in [*model.graph.input, *model.graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "src_batch" if value.name in spec.broadcast else "batch"
+    onnx.save(model, str(path))
+
+
 def set_metadata(path: Path, meta: dict[str, str]) -> None:
     import onnx
 
@@ -163,6 +179,7 @@ def export_model(model: EDTalkModel, out_dir: str | Path, opset: int = OPSET, si
         try:
             _export_one(spec, tmp, opset)
             simplified = _simplify(tmp) if simplify else False
+            name_batch_axes(tmp, spec)
             set_metadata(tmp, {**meta, "edtalk.stage": spec.name})
             onnx.checker.check_model(str(tmp), full_check=True)
             problems = check_graph(tmp)

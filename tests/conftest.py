@@ -6,8 +6,8 @@ so the project's own suite still passes on a machine without it.
 
 from __future__ import annotations
 
-import os
 import glob
+import os
 import shutil
 import wave
 from pathlib import Path

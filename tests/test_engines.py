@@ -140,8 +140,13 @@ def test_graphs_are_tensorrt_compatible_and_stamped(setup):
         assert meta["edtalk.weights"] == model.weights_id
         assert meta["edtalk.stage"] == g.stage
         onnx.checker.check_model(str(g.path))
-        ops = {n.op_type for n in onnx.load(str(g.path)).graph.node}
+        graph = onnx.load(str(g.path)).graph
+        ops = {n.op_type for n in graph.node}
         assert not ops & {"Loop", "If"}, g.stage
+        axes = {v.name: v.type.tensor_type.shape.dim[0].dim_param for v in [*graph.input, *graph.output]}
+        for name, axis in axes.items():
+            tied_to_source = g.stage == "decoder" and (name == "wa" or name.startswith("feat"))
+            assert axis == ("src_batch" if tied_to_source else "batch"), (g.stage, name, axis)
 
 
 def test_trt_check_rejects_per_sample_conv(tmp_path):
