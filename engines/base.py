@@ -29,6 +29,9 @@ from edtalk.motion import Motion
 
 logger = logging.getLogger(__name__)
 
+#: prepared expressions kept per source (least recently used dropped first)
+EXPRESSION_CACHE_SIZE = 32
+
 
 @dataclass(eq=False)
 class PreparedSource:
@@ -112,11 +115,14 @@ class Renderer(abc.ABC):
             raise InputError("this model (lip_pose family) has no expression; use exp=None")
         exp = self._coeffs(exp, self.config.exp_dim, "expression", batch=1)
         key = exp.numpy().tobytes()
-        if key not in source.cache:
-            if len(source.cache) >= 32:
-                source.cache.pop(next(iter(source.cache)))
-            source.cache[key] = Avatar(source, source.wa, self._expression_feats(source, exp), exp, self.name)
-        return source.cache[key]
+        cache = source.cache            # least recently used first (dicts keep insertion order)
+        if key in cache:
+            cache[key] = cache.pop(key)
+            return cache[key]
+        while len(cache) >= EXPRESSION_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = Avatar(source, source.wa, self._expression_feats(source, exp), exp, self.name)
+        return cache[key]
 
     def render(self, avatar: Avatar | Sequence[Avatar], lip, pose, raw: bool = False) -> np.ndarray:
         """Render ``B`` frames from mouth ``[B,lip_dim]`` and pose ``[B,pose_dim]`` coefficients.

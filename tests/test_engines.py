@@ -202,3 +202,18 @@ def test_render_rejects_bad_coefficients(setup):
         r.render(avatar, torch.zeros(2, 20), torch.zeros(3, 6))
     with pytest.raises(edtalk.InputError, match="2 avatars for 3 frames"):
         r.render([avatar, avatar], torch.zeros(3, 20), torch.zeros(3, 6))
+
+
+def test_expression_cache_is_lru(setup):
+    d, model, _, _ = setup
+    if not model.has_expression:
+        pytest.skip("lip_pose family has no expression")
+    from engines.base import EXPRESSION_CACHE_SIZE
+
+    r = engines.create_renderer("torch", model=model, device="cpu")
+    src = r.prepare_source(d["inputs"]["source"])
+    keep = r.prepare_expression(src, torch.ones(1, 10))
+    for k in range(EXPRESSION_CACHE_SIZE * 2):
+        r.prepare_expression(src, torch.full((1, 10), float(k) / 100))
+        assert r.prepare_expression(src, torch.ones(1, 10)) is keep     # used often: never evicted
+    assert len(src.cache) == EXPRESSION_CACHE_SIZE
