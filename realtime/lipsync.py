@@ -1,0 +1,629 @@
+"""Streaming Audio-to-Motion: 16 kHz mono audio in, one mouth-coefficient vector per 40 ms video frame out.
+
+The front end of the real-time server. It computes exactly what the offline renderer computes
+(``clients.render._lip_from_audio``)::
+
+    smooth(audio_to_lip(mel_windows(melspectrogram(wav), T)))      # wav cut to T whole frames of 640 samples
+
+but incrementally, as audio arrives in chunks of any size:
+
+- :class:`StreamingMel` keeps the pre-emphasis state across chunks and computes only the new STFT frames
+  (mel frame ``j`` is centred at sample ``200 j`` and reads samples ``[200 j - 400, 200 j + 400)``; the first
+  two read the reflect padding of the beginning). It holds a bounded ring of raw samples (what future STFT
+  frames, or a finish at the end padding, still need) and a ring of mel frames the owner trims.
+- :class:`StreamingLipSync` gathers the 16-frame window of each video frame as soon as the window is
+  final, runs ``audio_to_lip`` once per :meth:`~StreamingLipSync.pop` on all new windows, applies the
+  3-tap smoothing incrementally (frame ``i`` is final once frame ``i + 1``'s raw coefficients exist) and
+  a silence gate that pulls the mouth to a resting pose when there is no voice.
+
+Latency (computed from the constants, see :attr:`StreamingLipSync.latency_samples`):
+
+- default (``lookahead="offline"``, ``cut_to_frames=True``): 3200 samples = 200 ms after a frame's start.
+  The window of frame ``i + 1`` (needed by the smoothing) ends at most 2800 samples (175 ms) after frame
+  ``i``'s start; because the offline renderer cuts the audio to whole frames, a window is only final once
+  the whole 640-sample frame containing its end has arrived (otherwise the stream could still end before
+  it and the offline result would use the end's reflect padding instead), which rounds this up to 200 ms.
+- ``cut_to_frames=False``: 2800 samples = 175 ms (2760 after the first frame); identical to the offline
+  renderer for streams that are a whole number of frames long, otherwise to the offline functions on the
+  uncut audio (``mel_windows(melspectrogram(wav), len(wav) // 640)``).
+- ``lookahead="low"``: 640 samples = 40 ms, a trade of quality for latency: the window of frame ``i``
+  ends at the end of frame ``i`` (no future context; the mouth follows the sound about 110 ms late) and the
+  smoothing is the causal 2-tap mean of the previous and current frame.
+
+Not thread-safe: call ``push``/``pop``/``flush``/``reset`` of one instance from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+import torch
+
+from edtalk.audio import (
+    DEFAULT_MEL_CONFIG,
+    MEL_STEP,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    MelConfig,
+    _hann_window,  # the exact window of melspectrogram (bit-identical STFT frames)
+    gaussian_kernel,
+    mel_filterbank,
+    smooth,
+    window_start,
+    window_starts,
+)
+from edtalk.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LipFrame", "LipSyncConfig", "StreamingLipSync", "StreamingMel"]
+
+_SILENT_DB: Final[float] = -200.0
+"""Level reported for digital silence (RMS 0)."""
+_BLOCK_FRAMES: Final[int] = 4096
+"""STFT frames computed at once (bounds the temporary memory of a large push to about 50 MB)."""
+
+
+def _as_samples(samples: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Validate one chunk of mono float audio ``[L]`` (L >= 0); returns it as float64 NumPy."""
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    if not isinstance(samples, np.ndarray):
+        raise InputError(f"audio chunk must be a 1-D float NumPy array, got {type(samples).__name__}")
+    if samples.ndim != 1:
+        raise InputError(f"audio chunk must be 1-D mono samples, got shape {tuple(samples.shape)}")
+    if not np.issubdtype(samples.dtype, np.floating):
+        raise InputError(
+            f"audio chunk must be floating point in [-1, 1], got dtype {samples.dtype} (divide int16 PCM by 32768)"
+        )
+    x = samples.astype(np.float64, copy=False)
+    if not np.isfinite(x).all():
+        raise InputError("audio chunk contains NaN or infinite samples")
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental mel spectrogram
+# --------------------------------------------------------------------------------------------------
+
+
+class StreamingMel:
+    """Incremental ``edtalk.audio.melspectrogram`` with a per-STFT-frame loudness.
+
+    Mel frame ``j`` (0-based) is the STFT frame centred at sample ``hop * j``; it is computed as soon as
+    ``hop * j + n_fft // 2`` samples have arrived (its support ``[hop j - n_fft/2, hop j + n_fft/2)``, the
+    part before sample 0 read from the reflect padding of the beginning, so frame 0 also needs sample
+    ``n_fft // 2``). Frames whose support would cross
+    the end of the stream are only computed by :meth:`finish`, with the reflect padding of the end.
+
+    Args:
+        config: the spectrogram parameters (the defaults are the trained ones).
+        end_granularity: the stream may be finished at any multiple of this many samples (640 when the
+            owner cuts the audio to whole video frames, 1 for any length); the raw-sample ring keeps what
+            a :meth:`finish` at any such end not before the last complete multiple still needs.
+
+    Memory: the raw-sample ring holds at most about ``n_fft + end_granularity + chunk`` samples; the mel ring
+    holds frames from :attr:`first_frame` on, which the owner advances with :meth:`release_frames`.
+    """
+
+    def __init__(self, config: MelConfig = DEFAULT_MEL_CONFIG, end_granularity: int = 1) -> None:
+        if end_granularity < 1:
+            raise InputError(f"end_granularity must be >= 1, got {end_granularity}")
+        self.config = config
+        self.end_granularity = int(end_granularity)
+        self._window = _hann_window(config.win_length, config.n_fft)
+        # The projection runs in torch (float64), not NumPy: alternating OpenBLAS and torch's OpenMP pools on
+        # a small CPU makes both spin against each other (8x slower measured on 2 cores); the server calls torch.
+        self._basis_t = torch.from_numpy(mel_filterbank(config).astype(np.float64).T.copy())  # [n_fft//2+1, n_mels]
+        self._pad = config.n_fft // 2
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next sample pushed is sample 0 of a new stream."""
+        self._num_samples = 0  # samples pushed
+        self._prev_x: float | None = None  # last raw sample (pre-emphasis state)
+        self._s0 = 0  # absolute index of the first sample in the rings
+        self._x = np.zeros(0, np.float64)  # raw samples [s0, num_samples)
+        self._y = np.zeros(0, np.float64)  # pre-emphasised samples [s0, num_samples)
+        self._f0 = 0  # first mel frame held
+        self._mel = np.zeros((0, self.config.n_mels), np.float32)  # mel frames [f0, f0 + len)
+        self._level = np.zeros(0, np.float64)  # RMS level (dBFS) of the raw samples under each STFT frame
+        self._finished_at: int | None = None
+
+    # ------------------------------------------------------------ state
+    @property
+    def num_samples(self) -> int:
+        """Samples pushed since the last reset."""
+        return self._num_samples
+
+    @property
+    def num_frames(self) -> int:
+        """Mel frames computed so far (all of them, including those already released)."""
+        return self._f0 + self._mel.shape[0]
+
+    @property
+    def first_frame(self) -> int:
+        """Index of the oldest mel frame still held."""
+        return self._f0
+
+    @property
+    def finished(self) -> bool:
+        return self._finished_at is not None
+
+    @property
+    def buffered_samples(self) -> int:
+        """Raw samples held in the ring (bounded)."""
+        return self._x.size
+
+    @property
+    def buffered_frames(self) -> int:
+        """Mel frames held in the ring."""
+        return self._mel.shape[0]
+
+    def mel(self, j0: int, j1: int) -> np.ndarray:
+        """Mel frames ``j0 .. j1 - 1`` (held ones only): float32 ``[j1 - j0, n_mels]``, a view."""
+        self._check_held(j0, j1)
+        return self._mel[j0 - self._f0 : j1 - self._f0]
+
+    def level_db(self, j0: int, j1: int) -> np.ndarray:
+        """RMS level in dBFS (RMS 1.0 = 0 dB; -200 for digital silence) under STFT frames ``j0 .. j1 - 1``."""
+        self._check_held(j0, j1)
+        return self._level[j0 - self._f0 : j1 - self._f0]
+
+    def gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mel frames and levels at absolute frame indices ``idx`` (any shape, all held): ``[..., n_mels], [...]``."""
+        rel = np.asarray(idx, dtype=np.int64) - self._f0
+        if rel.size and (rel.min() < 0 or rel.max() >= self._mel.shape[0]):
+            raise IndexError(f"mel frames {int(rel.min()) + self._f0}..{int(rel.max()) + self._f0} not all held "
+                             f"(held {self._f0}..{self.num_frames - 1})")
+        return self._mel[rel], self._level[rel]
+
+    def _check_held(self, j0: int, j1: int) -> None:
+        if not self._f0 <= j0 <= j1 <= self.num_frames:
+            raise IndexError(f"mel frames {j0}..{j1 - 1} not all held (held {self._f0}..{self.num_frames - 1})")
+
+    # ------------------------------------------------------------ streaming
+    def push(self, samples: np.ndarray | torch.Tensor) -> int:
+        """Append mono float samples ``[L]`` (any L >= 0) at ``config.sample_rate``; returns new mel frames."""
+        if self._finished_at is not None:
+            raise InputError("push after finish(): reset() the StreamingMel first")
+        x = _as_samples(samples)
+        if x.size == 0:
+            return 0
+        # Pre-emphasis y[n] = x[n] - k x[n-1] (y[0] = x[0]), continued across chunks with the same arithmetic.
+        y = np.empty_like(x)
+        if self._prev_x is None:
+            y[0] = x[0]
+        else:
+            y[0] = x[0] - self.config.preemphasis * self._prev_x
+        np.subtract(x[1:], self.config.preemphasis * x[:-1], out=y[1:])
+        self._prev_x = float(x[-1])
+        self._x = np.concatenate([self._x, x])
+        self._y = np.concatenate([self._y, y])
+        self._num_samples += x.size
+
+        # Frames whose support ends inside what we have: hop * j + pad <= num_samples (frame 0 reads the
+        # reflection of sample pad, so it needs pad + 1 samples).
+        n = self._num_samples
+        available = (n - self._pad) // self.config.hop_length + 1 if n > self._pad else 0
+        new = available - self.num_frames
+        if new > 0:
+            self._append(*self._compute(self.num_frames, available, end=None))
+        self._trim_samples()
+        return max(new, 0)
+
+    def finish(self, end: int) -> int:
+        """End the stream after ``end`` samples, with the reflect padding of the end, as the centred STFT does.
+
+        Mel frames whose support crosses ``end`` are (re)computed from ``samples[:end]`` and the held frames
+        are cut to ``end // hop + 1`` (the frame count of ``melspectrogram`` on ``end`` samples). ``end`` must
+        lie between the last complete multiple of ``end_granularity`` and :attr:`num_samples`, and be at least
+        ``n_fft // 2 + 1`` (the reflect padding of both ends must fit). Returns the total frame count.
+        """
+        lowest = self._lowest_end()
+        if not (max(lowest, self._pad + 1) <= end <= self._num_samples):
+            raise InputError(
+                f"finish(end={end}): end must be in [{max(lowest, self._pad + 1)}, {self._num_samples}] samples"
+            )
+        total = end // self.config.hop_length + 1
+        # first frame whose support crosses the end: hop * j + pad > end
+        first_crossing = max((end - self._pad) // self.config.hop_length + 1, 0)
+        j0 = max(first_crossing, self._f0)
+        keep = max(j0 - self._f0, 0)
+        self._mel = self._mel[:keep]
+        self._level = self._level[:keep]
+        if total > j0:
+            self._append(*self._compute(j0, total, end=end))
+        self._finished_at = end
+        return total
+
+    def release_frames(self, before: int) -> None:
+        """Drop the mel frames before ``before`` (they will not be asked for again)."""
+        drop = min(max(before - self._f0, 0), self._mel.shape[0])
+        if drop:
+            self._mel = self._mel[drop:].copy()
+            self._level = self._level[drop:].copy()
+            self._f0 += drop
+
+    # ------------------------------------------------------------ internals
+    def _lowest_end(self) -> int:
+        g = self.end_granularity
+        return (self._num_samples // g) * g
+
+    def _trim_samples(self) -> None:
+        """Keep only the samples the next STFT frame or a finish at any allowed end can still read."""
+        next_start = self.config.hop_length * self.num_frames - self._pad
+        keep_from = max(0, min(next_start, self._lowest_end() - self.config.n_fft))
+        drop = keep_from - self._s0
+        if drop > 0:
+            self._x = self._x[drop:].copy()
+            self._y = self._y[drop:].copy()
+            self._s0 = keep_from
+
+    def _append(self, mel: np.ndarray, level: np.ndarray) -> None:
+        self._mel = np.concatenate([self._mel, mel])
+        self._level = np.concatenate([self._level, level])
+
+    def _compute(self, j0: int, j1: int, end: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Mel ``[j1-j0, n_mels]`` float32 and level ``[j1-j0]`` dBFS of frames ``j0..j1-1``; ``end``: reflect there."""
+        cfg = self.config
+        mels, levels = [], []
+        offsets = np.arange(cfg.n_fft, dtype=np.int64) - self._pad
+        for b0 in range(j0, j1, _BLOCK_FRAMES):
+            b1 = min(b0 + _BLOCK_FRAMES, j1)
+            idx = cfg.hop_length * np.arange(b0, b1, dtype=np.int64)[:, None] + offsets[None, :]
+            idx = np.abs(idx)  # reflect padding of the beginning: y[-n] -> y[n]
+            if end is not None:
+                idx = np.where(idx >= end, 2 * (end - 1) - idx, idx)  # reflect padding of the end
+            rel = idx - self._s0
+            assert rel.min() >= 0 and rel.max() < self._x.size, "sample ring trimmed too far"
+            frames = self._y[rel] * self._window
+            magnitude = np.abs(np.fft.rfft(frames, n=cfg.n_fft, axis=-1))
+            mels.append(self._normalise((torch.from_numpy(magnitude) @ self._basis_t).numpy()))
+            rms = np.sqrt(np.mean(np.square(self._x[rel]), axis=1))
+            with np.errstate(divide="ignore"):
+                levels.append(np.where(rms > 0, 20.0 * np.log10(rms), _SILENT_DB))
+        if not mels:
+            return np.zeros((0, cfg.n_mels), np.float32), np.zeros(0, np.float64)
+        return np.concatenate(mels), np.concatenate(levels)
+
+    def _normalise(self, mel: np.ndarray) -> np.ndarray:
+        """Linear mel magnitudes -> normalised log-mel float32, the same arithmetic as ``melspectrogram``."""
+        cfg = self.config
+        min_level = np.exp(cfg.min_level_db / 20.0 * np.log(10))
+        db = 20.0 * np.log10(np.maximum(min_level, mel)) - cfg.ref_level_db
+        m = cfg.max_abs_value
+        normed = (2.0 * m) * ((db - cfg.min_level_db) / (-cfg.min_level_db)) - m
+        return np.clip(normed, -m, m).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming lip coefficients
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LipSyncConfig:
+    """Options of :class:`StreamingLipSync`.
+
+    Attributes:
+        lookahead: ``"offline"`` (default): the offline renderer's centred 16-frame window and 3-tap
+            Gaussian smoothing, identical results, 200 ms latency. ``"low"``: the window ends at the end
+            of the frame and the smoothing is the causal mean of the previous and current frame: 40 ms
+            latency, the mouth follows the sound about 110 ms late and is less accurate.
+        cut_to_frames: the end of a stream is cut to whole 640-sample frames as the offline renderer does
+            (exact parity for any length; a window is final only once the whole frame containing its end
+            has arrived, +25 ms). False: no cut, parity for whole-frame streams only, 175 ms.
+        silence_db: silence gate threshold in dBFS (RMS of the raw audio, RMS 1.0 = 0 dBFS): a frame whose
+            window's loudest STFT frame is below it is unvoiced and its mouth goes to ``rest_lip``.
+            ``None`` or 0 disables the gate.
+        silence_ramp_db: width of the soft ramp below the threshold: at ``silence_db - silence_ramp_db`` and
+            below the mouth is fully at rest, in between it is blended linearly in dB.
+    """
+
+    lookahead: Literal["offline", "low"] = "offline"
+    cut_to_frames: bool = True
+    silence_db: float | None = -50.0
+    silence_ramp_db: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.lookahead not in ("offline", "low"):
+            raise InputError(f"lookahead must be 'offline' or 'low', got {self.lookahead!r}")
+        if self.silence_db is not None and not (math.isfinite(self.silence_db) and self.silence_db <= 0):
+            raise InputError(f"silence_db must be a level <= 0 dBFS or None, got {self.silence_db}")
+        if not (math.isfinite(self.silence_ramp_db) and self.silence_ramp_db > 0):
+            raise InputError(f"silence_ramp_db must be positive, got {self.silence_ramp_db}")
+
+    @property
+    def gate_enabled(self) -> bool:
+        return bool(self.silence_db)
+
+
+@dataclass(frozen=True, eq=False)
+class LipFrame:
+    """One video frame's mouth.
+
+    Attributes:
+        index: video frame number (25 fps), increasing across :meth:`StreamingLipSync.reset`.
+        lip: mouth coefficients float32 ``[lip_dim]`` (20), CPU, smoothed and gated.
+        sample_start: audio time of the frame's start in 16 kHz samples, ``640 * index``.
+        voiced: the frame's window is above the silence threshold (always True with the gate off).
+    """
+
+    index: int
+    lip: torch.Tensor
+    sample_start: int
+    voiced: bool
+
+    @property
+    def time_s(self) -> float:
+        """Start of the frame in seconds."""
+        return self.sample_start / SAMPLE_RATE
+
+
+class StreamingLipSync:
+    """Streaming ``smooth(audio_to_lip(mel_windows(melspectrogram(wav), T)))`` with a silence gate.
+
+    Usage::
+
+        lips = StreamingLipSync(renderer.audio_to_lip)
+        lips.push(chunk)              # float32 [L] 16 kHz mono, any L
+        for f in lips.pop():          # every frame now final, in order, each index once
+            show(f.index, f.lip)
+        ...
+        tail = lips.flush()           # end of stream: the remaining frames, offline end semantics
+
+    Args:
+        audio_to_lip: mel windows ``[B,1,80,16]`` float32 -> raw mouth coefficients ``[B,lip_dim]`` (e.g.
+            ``Renderer.audio_to_lip`` or ``EDTalkModel.audio_to_lip``); called at most once per ``pop``/``flush``.
+        config: options (lookahead, end cut, silence gate).
+        rest_lip: resting (closed) mouth coefficients ``[lip_dim]``; zeros by default, i.e. the mouth of the
+            source image (``latent = wa``); pass the coefficients read from a closed-mouth frame if it is open.
+
+    For a finite stream the concatenation of every ``pop()`` and the final ``flush()`` equals the offline
+    result on the stream cut to whole frames within float rounding (about 1e-7), however the audio was
+    chunked, when the gate is off (with the gate on, voiced frames are unchanged).
+
+    Frame indices: frame ``i`` of the current stream has index ``first_index + i``. :meth:`reset` and
+    :meth:`flush` keep the counter running: the next stream starts at the frame after the last one the
+    previous stream's audio touched, so indices and ``sample_start`` stay monotonic; :attr:`position`
+    is the sample time of the next pushed sample.
+
+    Memory stays bounded over any stream length as long as ``pop()`` is called regularly: about 1.5k raw
+    samples, a few dozen mel frames and a few frames of coefficients (see :attr:`buffer_sizes`).
+    """
+
+    def __init__(
+        self,
+        audio_to_lip: Callable[[torch.Tensor], torch.Tensor],
+        config: LipSyncConfig | None = None,
+        rest_lip: torch.Tensor | None = None,
+    ) -> None:
+        if not callable(audio_to_lip):
+            raise InputError(f"audio_to_lip must be callable, got {type(audio_to_lip).__name__}")
+        self.audio_to_lip = audio_to_lip
+        self.config = config if config is not None else LipSyncConfig()
+        if rest_lip is not None:
+            rest_lip = torch.as_tensor(rest_lip, dtype=torch.float32).detach().cpu()
+            if rest_lip.ndim != 1:
+                raise InputError(f"rest_lip must be [lip_dim], got shape {list(rest_lip.shape)}")
+        self._rest = rest_lip
+        self._offline = self.config.lookahead == "offline"
+        granularity = SAMPLES_PER_FRAME if self.config.cut_to_frames else 1
+        self._mel = StreamingMel(DEFAULT_MEL_CONFIG, end_granularity=granularity)
+        self._hop = DEFAULT_MEL_CONFIG.hop_length
+        self._half = DEFAULT_MEL_CONFIG.n_fft // 2
+        self._taps = gaussian_kernel(3, 1.0)  # the smoothing's taps, for the gate weights
+        self._origin = 0
+        self._latency = max(self.samples_needed(i) - SAMPLES_PER_FRAME * i for i in range(4 * MEL_STEP))
+        self._clear()
+
+    # ------------------------------------------------------------ public state
+    @property
+    def latency_samples(self) -> int:
+        """Audio (16 kHz samples) past a frame's start that must have arrived before the frame is final.
+
+        The maximum over frames of ``samples_needed(i) - 640 i`` (the pattern repeats every 5 frames):
+        3200 (200 ms) by default, 2800 (175 ms) with ``cut_to_frames=False``, 640 (40 ms) with
+        ``lookahead="low"``. The server delays the voice by this much to keep it in sync with the lips.
+        """
+        return self._latency
+
+    @property
+    def latency_s(self) -> float:
+        return self._latency / SAMPLE_RATE
+
+    @property
+    def first_index(self) -> int:
+        """Index of frame 0 of the current stream."""
+        return self._origin
+
+    @property
+    def next_index(self) -> int:
+        """Index of the next frame ``pop``/``flush`` will return."""
+        return self._origin + self._n_out
+
+    @property
+    def position(self) -> int:
+        """Sample time (16 kHz, since the first stream) of the next sample to push."""
+        return SAMPLES_PER_FRAME * self._origin + self._mel.num_samples
+
+    @property
+    def buffer_sizes(self) -> dict[str, int]:
+        """What is held now: raw samples, mel frames, frames of raw coefficients awaiting output."""
+        return {
+            "samples": self._mel.buffered_samples,
+            "mel_frames": self._mel.buffered_frames,
+            "lip_frames": int(self._raw.shape[0]),
+        }
+
+    def samples_needed(self, i: int) -> int:
+        """Samples of the current stream that must have arrived for its frame ``i`` (0-based) to be final."""
+        needed = self._raw_ready_at(i + 1 if self._offline else i)
+        if self.config.cut_to_frames:
+            needed = -(-needed // SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME
+        return needed
+
+    # ------------------------------------------------------------ streaming
+    def push(self, samples: np.ndarray | torch.Tensor) -> None:
+        """Append 16 kHz mono float samples ``[L]`` in [-1, 1] (any L >= 0); computes the new mel frames."""
+        self._mel.push(samples)
+
+    def pop(self) -> list[LipFrame]:
+        """Every frame that became final since the last call, in order (possibly none)."""
+        available = self._mel.num_samples
+        if self.config.cut_to_frames:
+            available -= available % SAMPLES_PER_FRAME
+        if available < self._next_ready:
+            return []
+        k = self._n_raw
+        while self._raw_ready_at(k) <= available:
+            k += 1
+        self._compute_raw(k, num_mel=None)
+        frames = self._emit(self._n_raw - 1 if self._offline else self._n_raw, at_end=False)
+        self._release()
+        return frames
+
+    def flush(self) -> list[LipFrame]:
+        """End of stream: the remaining frames with the offline renderer's end semantics, then :meth:`reset`.
+
+        The stream is cut to ``T = n // 640`` whole frames (``n`` samples pushed; without ``cut_to_frames``
+        the mel uses all ``n`` samples), the mel frames at the end use the reflect padding of the end,
+        window indices are clamped to the last mel frame and the smoothing is zero-padded after frame T-1.
+        """
+        n = self._mel.num_samples
+        total = n // SAMPLES_PER_FRAME
+        frames: list[LipFrame] = []
+        if total > self._n_out:
+            end = total * SAMPLES_PER_FRAME if self.config.cut_to_frames else n
+            num_mel = self._mel.finish(end)
+            self._compute_raw(total, num_mel=num_mel)
+            frames = self._emit(total, at_end=True)
+        logger.debug("flush: %d frames at the end of a stream of %d samples", len(frames), n)
+        self.reset()
+        return frames
+
+    def reset(self) -> None:
+        """Drop buffered audio and frames not yet returned (e.g. on an interrupt); start a new stream.
+
+        The frame counter keeps running: the new stream's frame 0 gets the index after the last frame
+        the dropped audio touched (``ceil(n / 640)`` frames after the old stream's first), so the first
+        sample pushed after a reset is at :attr:`position` ``= 640 * first_index``. The new stream is
+        processed like a fresh one (pre-emphasis, reflect padding and smoothing restart).
+        """
+        n = self._mel.num_samples
+        self._origin += -(-n // SAMPLES_PER_FRAME)
+        self._mel.reset()
+        self._clear()
+
+    # ------------------------------------------------------------ internals
+    def _clear(self) -> None:
+        self._n_raw = 0  # frames of the stream with raw coefficients computed
+        self._n_out = 0  # frames of the stream returned
+        self._raw0 = 0  # stream frame of self._raw[0]
+        self._raw = torch.zeros(0, 0)  # raw coefficients [n_raw - raw0, lip_dim]
+        self._gate = np.zeros(0, np.float64)  # gate openness in [0, 1] per frame, same rows as self._raw
+        self._next_ready = self._raw_ready_at(0)  # samples needed before the next raw frame can be computed
+
+    def _window_starts(self, i0: int, i1: int) -> np.ndarray:
+        """First mel frame (unclamped) of the windows of frames ``i0 .. i1 - 1``: int64 ``[i1 - i0]``."""
+        if self._offline:
+            return window_starts(i1 - i0, i0).numpy()
+        i = np.arange(i0, i1, dtype=np.int64)
+        # the last STFT frame whose support ends by the frame's end: hop * j + n_fft/2 <= 640 (i + 1)
+        last = (SAMPLES_PER_FRAME * (i + 1) - self._half) // self._hop
+        return last - (MEL_STEP - 1)
+
+    def _window_start(self, i: int) -> int:
+        """First mel frame (unclamped) of the window of frame ``i``."""
+        if self._offline:
+            return window_start(i)
+        return (SAMPLES_PER_FRAME * (i + 1) - self._half) // self._hop - (MEL_STEP - 1)
+
+    def _raw_ready_at(self, i: int) -> int:
+        """Samples (before any whole-frame rounding) needed for frame ``i``'s window and frame ``i`` itself."""
+        last_mel = self._window_start(i) + MEL_STEP - 1
+        return max(self._hop * last_mel + self._half, SAMPLES_PER_FRAME * (i + 1))
+
+    def _compute_raw(self, upto: int, num_mel: int | None) -> None:
+        """Raw coefficients and gate of frames ``n_raw .. upto - 1``: one ``audio_to_lip`` call."""
+        i0 = self._n_raw
+        if upto <= i0:
+            return
+        idx = self._window_starts(i0, upto)[:, None] + np.arange(MEL_STEP, dtype=np.int64)[None, :]
+        idx = np.clip(idx, 0, None if num_mel is None else num_mel - 1)
+        mel, level = self._mel.gather(idx)  # [n, 16, 80], [n, 16]
+        windows = torch.from_numpy(np.ascontiguousarray(mel.transpose(0, 2, 1)))[:, None]  # [n, 1, 80, 16]
+        with torch.inference_mode():
+            raw = self.audio_to_lip(windows)
+        raw = torch.as_tensor(raw).detach().to("cpu", torch.float32)
+        if raw.ndim != 2 or raw.shape[0] != upto - i0:
+            raise InputError(f"audio_to_lip returned shape {list(raw.shape)} for {upto - i0} windows, "
+                             f"expected [{upto - i0}, lip_dim]")
+        if self._rest is None:
+            self._rest = torch.zeros(raw.shape[1])
+        elif self._rest.shape[0] != raw.shape[1]:
+            raise InputError(f"rest_lip has {self._rest.shape[0]} coefficients, audio_to_lip gives {raw.shape[1]}")
+        gate = self._openness(level.max(axis=1))
+        self._raw = raw if self._raw.shape[0] == 0 else torch.cat([self._raw, raw])
+        self._gate = np.concatenate([self._gate, gate])
+        self._n_raw = upto
+        self._next_ready = self._raw_ready_at(upto)
+
+    def _openness(self, level_db: np.ndarray) -> np.ndarray:
+        """Gate openness in [0, 1] from a window's loudest STFT frame (dBFS): 1 at the threshold and above."""
+        if not self.config.gate_enabled:
+            return np.ones_like(level_db)
+        ramp = self.config.silence_ramp_db
+        return np.clip((level_db - self.config.silence_db) / ramp + 1.0, 0.0, 1.0)
+
+    def _emit(self, upto: int, at_end: bool) -> list[LipFrame]:
+        """Smooth, gate and return frames ``n_out .. upto - 1`` (their neighbours' raw values exist)."""
+        n0 = self._n_out
+        if upto <= n0:
+            return []
+        lo = max(n0 - 1, 0)
+        hi = min(upto + 1, self._n_raw)
+        seg = self._raw[lo - self._raw0 : hi - self._raw0]
+        g = self._gate[lo - self._raw0 : hi - self._raw0]
+        if self._offline:
+            # offline smoothing on the segment: its zero padding is the stream's own at frame 0 and at the end;
+            # elsewhere the padded rows (the segment's first and last) are dropped.
+            lip = smooth(seg)[n0 - lo : upto - lo]
+            gp = np.concatenate([g[:1], g, g[-1:]])  # replicate the gate at the stream's ends
+            k = self._taps
+            g_smooth = k[0] * gp[:-2] + k[1] * gp[1:-1] + k[2] * gp[2:]
+        else:
+            prev = torch.cat([seg[:1], seg[:-1]]) if n0 == 0 else seg[:-1]
+            cur = seg if n0 == 0 else seg[1:]
+            lip = (0.5 * (prev + cur))[: upto - n0]
+            gp = np.concatenate([g[:1], g])
+            g_smooth = 0.5 * (gp[:-1] + gp[1:])
+        own = g[n0 - lo : upto - lo]
+        weight = np.maximum(own, g_smooth[n0 - lo : upto - lo])  # voiced frames (own == 1) stay untouched
+        if self.config.gate_enabled and (weight < 1.0).any():
+            w = torch.from_numpy(weight).to(torch.float32)[:, None]
+            blended = w * lip + (1.0 - w) * self._rest[None]
+            lip = torch.where(w >= 1.0, lip, torch.where(w <= 0.0, self._rest[None].expand_as(lip), blended))
+        voiced = own >= 1.0
+        self._n_out = upto
+        base = self._origin + n0
+        return [
+            LipFrame(index=base + r, lip=lip[r], sample_start=SAMPLES_PER_FRAME * (base + r), voiced=bool(voiced[r]))
+            for r in range(upto - n0)
+        ]
+
+    def _release(self) -> None:
+        """Drop raw coefficients and mel frames no future frame needs."""
+        keep = max(self._n_out - 1, 0)  # the smoothing of frame n_out reads frame n_out - 1
+        drop = keep - self._raw0
+        if drop > 0:
+            self._raw = self._raw[drop:].clone()
+            self._gate = self._gate[drop:].copy()
+            self._raw0 = keep
+        self._mel.release_frames(max(self._window_start(self._n_raw), 0))
