@@ -1,0 +1,795 @@
+"""Frames per second of the per-frame path, per backend and batch size, against the published per-frame path.
+
+    python -m benchmarks.fps --configs official,test --batches 1,4,16,64      # also: edtalk-live bench
+
+For each model config (``official``: 256², the published widths; ``test``: 64², the widths of the
+parity fixtures) a model with seeded random weights is built (speed does not depend on the weight
+values), one identity image is encoded and one expression applied *once*, and then
+``Renderer.render(avatar, lip, pose)`` is timed for every batch size: the decoder, the conversion to
+``uint8 [B,S,S,3]`` and the copy back to the host, i.e. exactly what the server pays per frame.
+
+Every cell reports the median time per batch, the time per frame, FPS (median, p10, p90 over the
+timed iterations), ``x eager`` (FPS over the FPS of torch fp32 eager on the same device, config and
+batch, measured in the same run) and ``x reference`` (FPS over the FPS of the published per-frame
+path below, same config, same device).
+
+The reference row is the published demo's per-frame work, run with the *same weights* at batch 1 (the
+demo renders one frame at a time): the source image is re-encoded, the QR of the motion bases is
+recomputed (twice, as ``Direction_exp`` does), the expression blocks (EEM, both branches) run, and
+every modulated convolution is the per-sample grouped convolution, with the FIR filters as the
+published ``upfirdn2d_native``. It leaves out the published demo's second encoder pass on the driving
+pose frame (pose coefficients are given here), so its ratios are a lower bound. Before timing, the
+reference and our path are compared on one frame on the CPU in fp32; at the small configs they must
+agree to 1e-3 or the benchmark stops.
+
+The ONNX Runtime (and TensorRT) backends export the model into the usual cache
+(``$EDTALK_LIVE_CACHE`` or ``~/.cache/edtalk-live``, key ``random-<weights hash>``) on the first
+run; later runs reuse it. The table is Markdown, printed on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edtalk.config import ModelConfig
+from edtalk.decoder import Synthesis
+from edtalk.encoder import Encoder
+from edtalk.generator import Generator
+from edtalk.layers import Blur, ConvLayer, ModulatedConv2d, ResBlock, StyledConv, ToFlow, ToRGB
+from edtalk.model import EDTalkModel
+
+__all__ = ["BenchConfig", "Cell", "build_model", "main", "reference_decoder_forward", "reference_frame",
+           "reference_check"]
+
+logger = logging.getLogger(__name__)
+
+#: tolerance of the reference-vs-ours check (raw images, fp32 on the CPU), as in the parity tests
+REFERENCE_TOL = 1e-3
+#: configs at which the reference check must pass (at 256² random weights are too chaotic to promise it)
+CHECKED_CONFIGS = ("test", "tiny")
+#: random flow-predicting weights are scaled by this, as in the parity fixtures (trained flows are small)
+FLOW_WEIGHT_SCALE = 0.1
+REFERENCE_NAME = "reference"
+
+
+# ================================================================================================ configs
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A named model shape to benchmark."""
+
+    name: str
+    size: int
+    widths: tuple[int, ...] | None     # None: the published widths
+    style_dim: int = 512
+
+    def model_config(self, family: str) -> ModelConfig:
+        kw = {} if self.widths is None else {"widths": self.widths}
+        exp_dim = 0 if family == "lip_pose" else 10
+        return ModelConfig(family=family, size=self.size, style_dim=self.style_dim, exp_dim=exp_dim, **kw)
+
+
+CONFIGS = {
+    "official": BenchConfig("official", 256, None),
+    "test": BenchConfig("test", 64, (64, 64, 64, 32, 16)),
+    "tiny": BenchConfig("tiny", 32, (16, 16, 8, 8), style_dim=64),   # for the smoke test; not listed in --help
+}
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> EDTalkModel:
+    """An :class:`EDTalkModel` with seeded random weights, CPU fp32, ``weights_id`` unique to those weights.
+
+    The flow-predicting convolutions are scaled by :data:`FLOW_WEIGHT_SCALE`, like the parity
+    fixtures, so that flows are small and smooth and nothing overflows in fp16.
+    """
+    from edtalk.checkpoint import weights_hash
+
+    torch.manual_seed(seed)
+    model = EDTalkModel(config, with_audio2lip=False).eval()
+    with torch.no_grad():
+        for tf in model.generator.dec.to_flows:
+            tf.conv.weight.mul_(FLOW_WEIGHT_SCALE)
+    model.weights_id = f"random-{weights_hash(model.generator.state_dict())}"
+    return model
+
+
+@dataclass
+class Inputs:
+    """What a session provides: one identity image, one expression (or None), coefficients per batch size."""
+
+    image: torch.Tensor                  # [1,3,S,S] in [-1,1]
+    exp: torch.Tensor | None             # [1,E]
+    lip: torch.Tensor                    # [Bmax,lip_dim]
+    pose: torch.Tensor                   # [Bmax,pose_dim]
+
+
+def make_inputs(config: ModelConfig, max_batch: int, seed: int) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    s = config.size
+    image = torch.rand(1, 3, s, s, generator=g) * 2 - 1
+    exp = torch.randn(1, config.exp_dim, generator=g) * 0.5 if config.has_expression else None
+    lip = torch.randn(max_batch, config.lip_dim, generator=g) * 0.5
+    pose = torch.randn(max_batch, config.pose_dim, generator=g) * 0.5
+    return Inputs(image, exp, lip, pose)
+
+
+# ================================================================================================ reference
+# The published per-frame path (EDTalk ``networks/generator.py`` + ``networks/styledecoder.py``),
+# re-expressed over our modules so it runs the very same weights. Benchmark-only code, kept here for
+# the comparison: the project's own networks use the batch-friendly formulation in ``edtalk/layers.py``.
+
+
+def _native_upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
+                      pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The published ``upfirdn2d_native``: zero insertion by reshapes, one single-channel conv over B*C maps."""
+    _, minor, in_h, in_w = x.shape
+    kh, kw = kernel.shape
+    p0, p1 = pad
+    out = x.reshape(-1, minor, in_h, 1, in_w, 1)
+    out = F.pad(out, [0, up - 1, 0, 0, 0, up - 1, 0, 0])
+    out = out.reshape(-1, minor, in_h * up, in_w * up)
+    out = F.pad(out, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
+    out = out[:, :, max(-p0, 0): out.shape[2] - max(-p1, 0), max(-p0, 0): out.shape[3] - max(-p1, 0)]
+    out = out.reshape([-1, 1, in_h * up + p0 + p1, in_w * up + p0 + p1])
+    w = torch.flip(kernel, [0, 1]).reshape(1, 1, kh, kw).to(out.dtype)
+    out = F.conv2d(out, w)
+    out = out.reshape(-1, minor, in_h * up + p0 + p1 - kh + 1, in_w * up + p0 + p1 - kw + 1)
+    return out[:, :, ::down, ::down]
+
+
+def _ref_blur(blur: Blur, x: torch.Tensor) -> torch.Tensor:
+    return _native_upfirdn2d(x, blur.kernel, pad=blur.pad)
+
+
+def _ref_conv_layer(layer: ConvLayer, x: torch.Tensor) -> torch.Tensor:
+    for m in layer:
+        x = _ref_blur(m, x) if isinstance(m, Blur) else m(x)
+    return x
+
+
+def _ref_encoder(enc: Encoder, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The published ``EncoderApp.forward``: code ``[B,D]`` and the feature maps 8x8 ... SxS."""
+    res = []
+    for conv in enc.net_app.convs:
+        if isinstance(conv, ResBlock):
+            x = (_ref_conv_layer(conv.conv2, _ref_conv_layer(conv.conv1, x)) + _ref_conv_layer(conv.skip, x)) \
+                / math.sqrt(2)
+        elif isinstance(conv, ConvLayer):
+            x = _ref_conv_layer(conv, x)
+        else:
+            x = conv(x)                                             # the final EqualConv2d
+        res.append(x)
+    return res[-1].squeeze(-1).squeeze(-1), res[::-1][2:]
+
+
+def _ref_modulated_conv(conv: ModulatedConv2d, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """The published grouped form: one modulated (and demodulated) weight per sample, ``groups=B``."""
+    batch, in_ch, height, width = x.shape
+    out_ch, k = conv.out_channels, conv.kernel_size
+    style = conv.modulation(style).view(batch, 1, in_ch, 1, 1)
+    weight = conv.scale * conv.weight * style                      # [B,Cout,Cin,k,k]
+    if conv.demodulate:
+        demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + 1e-8)
+        weight = weight * demod.view(batch, out_ch, 1, 1, 1)
+    weight = weight.view(batch * out_ch, in_ch, k, k)
+    if conv.upsample:
+        x = x.reshape(1, batch * in_ch, height, width)
+        weight = weight.view(batch, out_ch, in_ch, k, k).transpose(1, 2).reshape(batch * in_ch, out_ch, k, k)
+        out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
+        out = out.view(batch, out_ch, *out.shape[2:])
+        return _ref_blur(conv.blur, out)
+    x = x.reshape(1, batch * in_ch, height, width)
+    out = F.conv2d(x, weight, padding=conv.padding, groups=batch)
+    return out.view(batch, out_ch, *out.shape[2:])
+
+
+def _ref_styled_conv(layer: StyledConv, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    return layer.activate(_ref_modulated_conv(layer.conv, x, style))
+
+
+def _ref_upsample(up, x: torch.Tensor) -> torch.Tensor:
+    return _native_upfirdn2d(x, up.kernel, up=up.factor, pad=up.pad)
+
+
+def _ref_to_rgb(layer: ToRGB, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    out = _ref_conv_layer(layer.conv, x) + layer.bias
+    if skip is not None:
+        out = out + _ref_upsample(layer.upsample, skip)
+    return out
+
+
+def _ref_to_flow(layer: ToFlow, x: torch.Tensor, style: torch.Tensor, feat: torch.Tensor,
+                 skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The published ``ToFlow.forward``: the sampling grid is rebuilt with NumPy and copied over every call."""
+    out = _ref_modulated_conv(layer.conv, x, style) + layer.bias
+    xs = np.linspace(-1, 1, x.size(2))
+    xs = np.stack(np.meshgrid(xs, xs), 2)
+    xs = torch.tensor(xs).float().unsqueeze(0).repeat(x.size(0), 1, 1, 1).to(x.device)
+    if skip is not None:
+        out = out + _ref_upsample(layer.upsample, skip)
+    sampler = torch.tanh(out[:, 0:2, :, :])
+    mask = torch.sigmoid(out[:, 2:3, :, :])
+    flow = sampler.permute(0, 2, 3, 1) + xs.to(out.dtype)
+    feat_warp = F.grid_sample(feat, flow, align_corners=False) * mask
+    return feat_warp, feat_warp + x * (1.0 - mask), out
+
+
+def _ref_eem(eem, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The published EEM: the first branch is computed and thrown away, as published."""
+    dx = F.leaky_relu(eem.norm1(eem.conv1(x), z))                  # noqa: F841 - discarded, as published
+    dx = eem.norm2(eem.conv2(x), z)
+    return dx + x
+
+
+def reference_decoder_forward(dec: Synthesis, latent: torch.Tensor, feats: Sequence[torch.Tensor],
+                              exp_latent: torch.Tensor | None = None) -> torch.Tensor:
+    """The published ``Synthesis.forward`` (grouped modulated convolutions, EEM every frame) on our weights.
+
+    ``latent [B,D]``, ``feats`` the *unmodulated* source maps (coarse to fine), ``exp_latent [B,D]``
+    or ``None``. Returns the raw image ``[B,3,S,S]``. Benchmark-only: the published formulation, for
+    comparison with :meth:`edtalk.decoder.Synthesis.forward`.
+    """
+    n_latent = int(math.log2(dec.size)) * 2 - 2
+    latent = latent.unsqueeze(1).repeat(1, n_latent, 1)
+    out = dec.input.input.repeat(latent.shape[0], 1, 1, 1)
+    out = _ref_styled_conv(dec.conv1, out, latent[:, 0])
+    eems = getattr(dec, "fineadainresblock", None)
+    skip = skip_flow = None
+    i = 1
+    for k, feat in enumerate(feats):
+        out = _ref_styled_conv(dec.convs[2 * k], out, latent[:, i])
+        out = _ref_styled_conv(dec.convs[2 * k + 1], out, latent[:, i + 1])
+        if eems is not None and exp_latent is not None:
+            feat = _ref_eem(eems[k], feat, exp_latent)
+        out_warp, out, skip_flow = _ref_to_flow(dec.to_flows[k], out, latent[:, i + 2], feat, skip_flow)
+        skip = _ref_to_rgb(dec.to_rgbs[k], out_warp, skip)
+        i += 2
+    return skip
+
+
+@torch.no_grad()
+def reference_frame(gen: Generator, image: torch.Tensor, lip: torch.Tensor, pose: torch.Tensor,
+                    exp: torch.Tensor | None) -> torch.Tensor:
+    """One frame the published way (``test_EDTalk_A_use_exp_weight`` / the lip_pose demo): raw ``[B,3,S,S]``.
+
+    Re-encodes ``image [B,3,S,S]``, recomputes the QR of the bases (twice with expression, as
+    ``Direction_exp`` does), builds the latent through ``diag_embed``, then runs
+    :func:`reference_decoder_forward` with the EEM blocks.
+    """
+    wa, feats = _ref_encoder(gen.enc, image)
+    cfg = gen.config
+    if exp is None:
+        alpha = torch.cat([lip, pose], dim=-1)
+        if cfg.has_expression:   # published: no expression latent -> EEM off, but the bases are still the joint QR
+            weight = torch.cat([gen.direction_lipnonlip.weight, gen.direction_exp.weight], -1) + 1e-8
+            q, _ = torch.linalg.qr(weight)
+            q = q[:, : alpha.shape[1]]
+        else:
+            q, _ = torch.linalg.qr(gen.direction_lipnonlip.weight + 1e-8)
+        latent = wa + torch.matmul(torch.diag_embed(alpha), q.T).sum(1)
+        return reference_decoder_forward(gen.dec, latent, feats, None)
+    alpha = torch.cat([lip, pose, exp], dim=-1)
+    weight = torch.cat([gen.direction_lipnonlip.weight, gen.direction_exp.weight], -1) + 1e-8
+    q, _ = torch.linalg.qr(weight)                                  # get_shared_out
+    a = torch.matmul(torch.diag_embed(alpha), q.T)                  # [B,n,D]
+    e = a[:, cfg.lip_dim + cfg.pose_dim:].sum(1)                    # get_exp_latent
+    q2, _ = torch.linalg.qr(weight)                                 # Direction_exp.forward: the QR again
+    latent = wa + torch.matmul(torch.diag_embed(alpha), q2.T).sum(1)
+    return reference_decoder_forward(gen.dec, latent, feats, e)
+
+
+def reference_check(model: EDTalkModel, inputs: Inputs) -> tuple[float, torch.Tensor]:
+    """Max abs difference between the reference path and our renderer on one frame (CPU, fp32, raw output).
+
+    Returns the difference and our raw frame ``[1,3,S,S]`` (what the other backends are compared with).
+    """
+    from engines.torch_backend import TorchRenderer
+
+    model = copy.deepcopy(model).cpu().float().eval()
+    renderer = TorchRenderer(model, device="cpu")
+    avatar = renderer.prepare_expression(renderer.prepare_source(inputs.image), inputs.exp)
+    ours = torch.from_numpy(renderer.render(avatar, inputs.lip[:1], inputs.pose[:1], raw=True))
+    ref = reference_frame(model.generator, inputs.image, inputs.lip[:1], inputs.pose[:1], inputs.exp)
+    return float((ours - ref.float()).abs().max()), ours
+
+
+# ================================================================================================ backends
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A backend as benchmarked: ``name`` as given to ``--backends``, the device it runs on."""
+
+    name: str
+    device: str          # "cpu" or "cuda"
+    make: Callable[[EDTalkModel, argparse.Namespace], object] = field(repr=False, compare=False)
+
+
+def _make_torch(device: str, **options):
+    def make(model: EDTalkModel, args: argparse.Namespace):
+        from engines import create_renderer
+
+        return create_renderer("torch", model=copy.deepcopy(model), device=device, **options)
+    return make
+
+
+def _export_dir(model: EDTalkModel) -> Path:
+    """The model's ONNX export in the usual cache, exported once (the key is unique to the random weights).
+
+    Exported without the exporter's own parity check: with random weights at 256² the decoder is
+    chaotic enough that two correct implementations differ by more than its 1e-3 tolerance. Instead
+    the benchmark compares one rendered frame of every backend with torch and reports the difference.
+    """
+    from engines import cache_dir
+    from export.onnx import MANIFEST, export_model
+
+    out = cache_dir() / "onnx" / model.weights_id
+    if not (out / MANIFEST).is_file():
+        logger.info("exporting ONNX graphs to %s (once per config and seed)", out)
+        export_model(copy.deepcopy(model), out, verify=False)
+    return out
+
+
+def _make_exported(backend: str, device: str):
+    def make(model: EDTalkModel, args: argparse.Namespace):
+        from engines import create_renderer
+
+        options = {"onnx_dir": _export_dir(model)}
+        if backend == "onnxruntime":
+            options["providers"] = _ort_providers(device)
+            if args.threads:
+                options["threads"] = args.threads
+        else:
+            options["device"] = "cuda"
+        return create_renderer(backend, **options)
+    return make
+
+
+def _ort_providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _ort_device(device: str) -> str:
+    """Where ONNX Runtime will run for ``device``: cuda only when it has its CUDA provider."""
+    return "cuda" if _ort_providers(device)[0] == "CUDAExecutionProvider" else "cpu"
+
+
+#: the fp32 eager baseline of each device (the denominator of "x eager")
+BASELINE = {"cpu": "torch", "cuda": "torch-cuda-fp32"}
+
+
+def variants(device: str) -> dict[str, Variant]:
+    """Every variant this machine can run, by name."""
+    from engines import available_backends
+
+    avail = available_backends()
+    out = {"torch": Variant("torch", "cpu", _make_torch("cpu"))}
+    if torch.cuda.is_available():
+        out["torch-cuda-fp32"] = Variant("torch-cuda-fp32", "cuda", _make_torch(
+            "cuda", dtype=torch.float32, cuda_graphs=False, channels_last=False))
+        out["torch-cuda-fp16"] = Variant("torch-cuda-fp16", "cuda", _make_torch("cuda"))
+    if not avail.get("onnxruntime"):
+        out["onnxruntime"] = Variant("onnxruntime", _ort_device(device), _make_exported("onnxruntime", device))
+    if not avail.get("tensorrt"):
+        out["tensorrt"] = Variant("tensorrt", "cuda", _make_exported("tensorrt", "cuda"))
+    return out
+
+
+def default_backends(device: str, available: dict[str, Variant]) -> list[str]:
+    if device == "cuda":
+        names = ["torch-cuda-fp32", "torch-cuda-fp16", "onnxruntime", "tensorrt"]
+        return [n for n in names if n in available and available[n].device == "cuda"]
+    return [n for n in ("torch", "onnxruntime") if n in available]
+
+
+# ================================================================================================ timing
+
+
+@dataclass
+class Cell:
+    """One measured cell of the table: seconds per call of ``batch`` frames, one entry per timed iteration."""
+
+    backend: str
+    config: str
+    batch: int
+    device: str
+    times: list[float] = field(default_factory=list)
+    error: str = ""
+    cores: float = 0.0       # CPU cores the process used while timing (CPU time / wall time)
+    x_eager: float | None = None
+    x_reference: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.times) and not self.error
+
+    def _pct(self, q: float) -> float:
+        return float(np.percentile(self.times, q))
+
+    @property
+    def median_s(self) -> float:
+        return float(np.median(self.times))
+
+    @property
+    def fps(self) -> float:
+        return self.batch / self.median_s
+
+    @property
+    def fps_p10(self) -> float:        # slow end: 90th percentile of the time
+        return self.batch / self._pct(90)
+
+    @property
+    def fps_p90(self) -> float:
+        return self.batch / self._pct(10)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.ok:
+            d.update(median_ms=self.median_s * 1e3, ms_per_frame=self.median_s * 1e3 / self.batch, fps=self.fps,
+                     fps_p10=self.fps_p10, fps_p90=self.fps_p90)
+        return d
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], device: str, warmup: int, iters: int, min_time: float,
+               max_time: float, what: str) -> tuple[list[float], float]:
+    """Per-iteration wall times of ``fn`` after ``warmup`` calls, and the CPU cores the process used meanwhile.
+
+    Times at least ``iters`` calls and for at least ``min_time`` seconds, but stops as soon as the
+    timed calls have taken ``max_time`` seconds (after at least one): big CPU batches get one or two.
+    The cores used (process CPU time over wall time) fall below the thread count when other work
+    competes for the CPU, which makes CPU numbers unreliable.
+    """
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        _sync(device)
+        fn()
+        _sync(device)
+        logger.info("%s: warm-up %.2f s", what, time.perf_counter() - t0)
+    times: list[float] = []
+    cpu0 = time.process_time()
+    while True:
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        total = sum(times)
+        if total >= max_time or (len(times) >= iters and total >= min_time):
+            break
+    return times, (time.process_time() - cpu0) / max(sum(times), 1e-9)
+
+
+# ================================================================================================ report
+
+
+def _load() -> str:
+    try:
+        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except (OSError, AttributeError):
+        return ""
+
+
+def machine_description() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    info = {"cpu": f"{cpu}, {os.cpu_count()} logical cores", "torch": torch.__version__,
+            "torch_threads": str(torch.get_num_threads()), "python": platform.python_version()}
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    load = _load()
+    if load:
+        info["load"] = load
+    try:
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory"] = f"{pages * page / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info
+
+
+def _fmt(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def format_table(cells: Sequence[Cell]) -> str:
+    head = ["backend", "config", "batch", "ms / batch", "ms / frame", "FPS median", "FPS p10", "FPS p90",
+            "× eager", "× reference", "iters", "CPU cores"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for c in cells:
+        name = "reference (published per-frame path)" if c.backend == REFERENCE_NAME else c.backend
+        if not c.ok:
+            row = [name, c.config, str(c.batch), f"failed: {c.error}"] + [""] * (len(head) - 4)
+        else:
+            med = c.median_s * 1e3
+            row = [name, c.config, str(c.batch), _fmt(med), _fmt(med / c.batch), _fmt(c.fps), _fmt(c.fps_p10),
+                   _fmt(c.fps_p90), _ratio(c.x_eager), _ratio(c.x_reference), str(len(c.times)),
+                   f"{c.cores:.2f}" if c.device == "cpu" else "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _fill_ratios(cells: Sequence[Cell]) -> None:
+    by_key = {(c.backend, c.config, c.batch): c for c in cells if c.ok}
+    for c in cells:
+        if not c.ok:
+            continue
+        base = by_key.get((BASELINE[c.device], c.config, c.batch))
+        if c.backend == REFERENCE_NAME:
+            base = by_key.get((BASELINE[c.device], c.config, 1))
+        c.x_eager = c.fps / base.fps if base is not None else None
+        ref = next((r for r in cells if r.ok and r.backend == REFERENCE_NAME and r.config == c.config
+                    and r.device == c.device), None)
+        c.x_reference = c.fps / ref.fps if ref is not None else None
+
+
+# ================================================================================================ CLI
+
+
+def _csv(kind: Callable = str):
+    def parse(text: str):
+        try:
+            items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.fps",
+        description="Frames per second of the per-frame path (decoder + uint8 + copy back) per backend and batch "
+                    "size, against torch fp32 eager and the published per-frame path. Prints a Markdown table.")
+    p.add_argument("--configs", type=_csv(), default=["official", "test"],
+                   help="model configs: official (256², published widths), test (64², fixture widths) "
+                        "(default: official,test)")
+    p.add_argument("--family", choices=("edtalk", "lip_pose"), default="edtalk",
+                   help="edtalk (with expression, EEM) or lip_pose (default: edtalk)")
+    p.add_argument("--backends", type=_csv(), default=None,
+                   help="torch (CPU fp32 eager), onnxruntime, and with CUDA torch-cuda-fp32 (eager), "
+                        "torch-cuda-fp16 (fp16 + channels-last + CUDA graphs), tensorrt "
+                        "(default: every one available on --device)")
+    p.add_argument("--batches", type=_csv(int), default=[1, 4, 16, 64], help="batch sizes (default: 1,4,16,64)")
+    p.add_argument("--max-batch", type=int, default=None, help="skip batch sizes above this")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the default backends and the reference run (default: cuda when available)")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per cell, at least (default: 5)")
+    p.add_argument("--min-time", type=float, default=2.0,
+                   help="keep timing a cell for at least this many seconds (default: 2)")
+    p.add_argument("--max-time", type=float, default=30.0,
+                   help="stop timing a cell once its timed iterations took this long, after at least one "
+                        "(default: 30; big CPU batches get one or two iterations)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per cell first (default: 1)")
+    p.add_argument("--no-reference", action="store_true", help="skip timing the published per-frame path")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the raw per-iteration times here")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for c in args.configs:
+        if c not in CONFIGS:
+            p.error(f"unknown config {c!r}; choose from official, test")
+    for b in args.batches:
+        if b < 1:
+            p.error(f"batch sizes must be >= 1, got {b}")
+    if args.iters < 1 or args.warmup < 0 or args.min_time < 0 or args.max_time <= 0:
+        p.error("--iters must be >= 1, --warmup >= 0, --min-time >= 0, --max-time > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+
+
+def _command_line(argv: Sequence[str] | None) -> str:
+    if argv is None:
+        argv = sys.argv[1:]
+    return shlex.join(["python", "-m", "benchmarks.fps", *argv])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print the table on stdout. Returns 0 (usage errors exit 2 via argparse)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = _load()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    available = variants(device)
+    if args.backends is None:
+        names = default_backends(device, available)
+    else:
+        names = list(dict.fromkeys(args.backends))
+        from engines import BACKENDS, available_backends
+
+        for n in names:
+            if n not in available:
+                reason = available_backends().get(n) if n in BACKENDS else None
+                known = ", ".join(sorted({*BACKENDS, "torch-cuda-fp32", "torch-cuda-fp16"}))
+                parser.error(f"backend {n!r} is not available here" + (f": {reason}" if reason else
+                                                                        f" (known: {known}; CUDA ones need a GPU)"))
+    # the fp32 eager baseline of every device in use is always measured (the denominator of "x eager")
+    for dev in dict.fromkeys(available[n].device for n in names):
+        if BASELINE[dev] not in names:
+            logger.info("adding %s: the fp32 eager baseline for %s", BASELINE[dev], dev)
+            names.insert(0, BASELINE[dev])
+    batches = sorted(b for b in dict.fromkeys(args.batches) if args.max_batch is None or b <= args.max_batch)
+    if not batches:
+        parser.error("no batch size left under --max-batch")
+
+    cells: list[Cell] = []
+    checks: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    diffs: dict[str, dict[str, float]] = {}     # backend -> config -> max abs difference to torch fp32 (CPU)
+    for cname in args.configs:
+        bench = CONFIGS[cname]
+        cfg = bench.model_config(args.family)
+        logger.info("config %s: family=%s size=%d widths=%s", cname, cfg.family, cfg.size, cfg.widths)
+        model = build_model(cfg, args.seed)
+        inputs = make_inputs(cfg, max(batches), args.seed + 1)
+
+        err, ours = reference_check(model, inputs)
+        checks[cname] = err
+        logger.info("config %s: reference vs ours, max abs difference %.2e", cname, err)
+        if cname in CHECKED_CONFIGS and not err < REFERENCE_TOL:
+            raise AssertionError(f"reference and our per-frame path differ by {err:.3e} at config {cname} "
+                                 f"(tolerance {REFERENCE_TOL:.0e}): the comparison would not be fair")
+
+        if not args.no_reference:
+            cells.append(_time_reference(model, inputs, cname, device, args))
+        for name in names:
+            cells.extend(_time_backend(available[name], model, inputs, ours, bench, batches, args, labels, diffs))
+        del model
+
+    _fill_ratios(cells)
+    out = _report(cells, checks, labels, diffs, args, argv, load_start)
+    print(out)
+    if args.json:
+        data = {"machine": machine_description(), "command": _command_line(argv), "family": args.family,
+                "reference_check": checks, "backends": labels, "max_abs_diff_to_torch_fp32": diffs,
+                "cells": [c.to_dict() for c in cells]}
+        Path(args.json).write_text(json.dumps(data, indent=2))
+        logger.info("wrote %s", args.json)
+    return 0
+
+
+def _time_reference(model: EDTalkModel, inputs: Inputs, cname: str, device: str,
+                    args: argparse.Namespace) -> Cell:
+    gen = copy.deepcopy(model.generator).to(device).float().eval()
+    image, lip, pose = inputs.image, inputs.lip[:1], inputs.pose[:1]
+    exp = inputs.exp
+    from engines.base import to_uint8_torch
+
+    def frame():
+        # per frame, as the demo does: host inputs -> device, the whole published path, uint8 back on the host
+        raw = reference_frame(gen, image.to(device), lip.to(device), pose.to(device),
+                              None if exp is None else exp.to(device))
+        return to_uint8_torch(raw).cpu().numpy()
+
+    cell = Cell(REFERENCE_NAME, cname, 1, device)
+    what = f"{cname} | reference | batch 1"
+    try:
+        cell.times, cell.cores = time_calls(frame, device, args.warmup, args.iters, args.min_time, args.max_time, what)
+        logger.info("%s: %.1f ms/frame (%d iters)", what, cell.median_s * 1e3, len(cell.times))
+    except (RuntimeError, MemoryError) as e:
+        cell.error = str(e).splitlines()[0][:120]
+        logger.error("%s failed: %s", what, cell.error)
+    return cell
+
+
+def _time_backend(variant: Variant, model: EDTalkModel, inputs: Inputs, ours: torch.Tensor, bench: BenchConfig,
+                  batches: Sequence[int], args: argparse.Namespace, labels: dict[str, str],
+                  diffs: dict[str, dict[str, float]]) -> list[Cell]:
+    logger.info("%s | %s: preparing (export and engine build on first use)", bench.name, variant.name)
+    renderer = variant.make(model, args)
+    try:
+        labels[variant.name] = renderer.describe()
+        if variant.name == "torch-cuda-fp32" and torch.backends.cudnn.allow_tf32:
+            labels[variant.name] += ", cuDNN TF32 convolutions (the torch default)"
+        avatar = renderer.prepare_expression(renderer.prepare_source(inputs.image), inputs.exp)
+        raw = renderer.render(avatar, inputs.lip[:1], inputs.pose[:1], raw=True)
+        diffs.setdefault(variant.name, {})[bench.name] = float(np.abs(raw.astype(np.float32) - ours.numpy()).max())
+        cells = []
+        for b in batches:
+            cell = Cell(variant.name, bench.name, b, variant.device)
+            what = f"{bench.name} | {variant.name} | batch {b}"
+            lip, pose = inputs.lip[:b], inputs.pose[:b]
+            try:
+                cell.times, cell.cores = time_calls(lambda lip=lip, pose=pose: renderer.render(avatar, lip, pose),
+                                                    variant.device, args.warmup, args.iters, args.min_time,
+                                                    args.max_time, what)
+                logger.info("%s: %.1f ms/batch, %.2f FPS (%d iters)", what, cell.median_s * 1e3, cell.fps,
+                            len(cell.times))
+            except (RuntimeError, MemoryError) as e:       # e.g. out of memory at a big batch: report, go on
+                cell.error = str(e).splitlines()[0][:120]
+                logger.error("%s failed: %s", what, cell.error)
+                if variant.device == "cuda":
+                    torch.cuda.empty_cache()
+            cells.append(cell)
+        return cells
+    finally:
+        renderer.close()
+
+
+def _report(cells: Sequence[Cell], checks: dict[str, float], labels: dict[str, str],
+            diffs: dict[str, dict[str, float]], args: argparse.Namespace, argv: Sequence[str] | None,
+            load_start: str = "") -> str:
+    m = machine_description()
+    machine = f"{m['cpu']}, {m.get('memory', '?')} RAM; torch {m['torch']} ({m['torch_threads']} threads)"
+    if "onnxruntime" in m:
+        machine += f"; onnxruntime {m['onnxruntime']}"
+    machine += f"; GPU: {m.get('gpu', 'none')}"
+    if "load" in m:   # other work on the machine distorts CPU numbers: show it
+        machine += f"; load average (1, 5, 15 min) {load_start or '?'} at the start, {m['load']} at the end"
+    lines = [f"Machine: {machine}", "", f"Command: `{_command_line(argv)}` (family {args.family})", "",
+             format_table(cells), ""]
+    for name, desc in labels.items():
+        d = ", ".join(f"{c} {e:.1e}" for c, e in diffs.get(name, {}).items())
+        lines.append(f"- `{name}`: {desc}; one raw frame vs torch fp32 on the CPU, max abs difference: {d}")
+    lines.append("- reference: the published per-frame path (re-encode the source, QR of the bases, EEM, grouped "
+                 "modulated convolutions) on the same weights, batch 1")
+    lines.append("")
+    if any(c.ok and c.device == "cpu" for c in cells):
+        lines.append(f"CPU cores: process CPU time over wall time while timing a CPU cell (torch threads: "
+                     f"{torch.get_num_threads()}); well below that, other work competed for the CPU.")
+    for cname, err in checks.items():
+        status = ("passed" if err < REFERENCE_TOL else "FAILED") if cname in CHECKED_CONFIGS else "not asserted"
+        lines.append(f"Reference check ({cname}): max |reference − ours| = {err:.2e} on one raw frame "
+                     f"(CPU fp32, tolerance {REFERENCE_TOL:.0e}): {status}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

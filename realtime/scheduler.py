@@ -1,0 +1,551 @@
+"""One frame scheduler for every session: frames are batched into single Renderer calls.
+
+    scheduler = FrameScheduler(renderer, max_batch=16, max_wait_ms=4.0)
+    await scheduler.start()
+    frame = await scheduler.render(avatar, lip, pose, session="abc", deadline=loop.time() + 0.04)  # uint8 [S,S,3]
+    lip = await scheduler.run(renderer.audio_to_lip, mel)     # other device work, in the same render thread
+    ...
+    await scheduler.stop()
+
+A single dispatcher task gathers requests: when the first one arrives it waits at most ``max_wait_ms``
+for more (or until ``max_batch`` are queued), then submits one ``renderer.render(avatars, lip [B,L],
+pose [B,P])`` call to a dedicated one-thread executor, so device calls are serialized and the event loop
+never runs inference. While a batch renders, new requests accumulate for the next one (one batch in
+flight per renderer, the next gathered meanwhile). Requests whose deadline passed before dispatch are
+dropped with :class:`FrameDropped` and counted, so a slow session drops stale frames instead of growing
+a queue. Batches are not padded here: a CUDA-graph backend pads to its own captured sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import math
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from edtalk.errors import EDTalkError, InputError
+from engines.base import Avatar, Renderer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: upper bounds (seconds) of the render-time histogram buckets exported to Prometheus (+Inf is implied)
+RENDER_SECONDS_BUCKETS: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+                                             5.12)
+#: reasons a frame can be dropped, the ``reason`` label of ``<prefix>_frames_dropped_total``
+DROP_REASONS: tuple[str, ...] = ("deadline", "queue_full", "error", "stopped")
+#: how many recent per-batch render times :attr:`SchedulerStats.render_seconds_recent` keeps
+RECENT_SAMPLES = 128
+#: weight of the newest sample in the render-time moving average
+EWMA_ALPHA = 0.1
+#: drops and render failures are logged at most once per this many seconds (always counted)
+LOG_INTERVAL_S = 5.0
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+class FrameDropped(EDTalkError):
+    """A frame was not rendered: its deadline passed before dispatch (``reason="deadline"``) or the
+    queue was full (``reason="queue_full"``). Sessions skip the frame and carry on."""
+
+    def __init__(self, reason: str, message: str | None = None):
+        super().__init__(message or f"frame dropped: {reason.replace('_', ' ')}")
+        self.reason = reason
+
+
+class SchedulerClosed(EDTalkError):
+    """The frame scheduler is not running: not started yet, or stopped while the frame waited."""
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of a :class:`FrameScheduler`'s counters (render times in seconds)."""
+
+    frames_rendered: int = 0
+    batches: int = 0
+    #: renderer calls per batch size, ``{size: count}``
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    #: frames dropped per reason (:data:`DROP_REASONS`)
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    render_seconds_last: float = 0.0
+    render_seconds_ewma: float = 0.0
+    render_seconds_sum: float = 0.0
+    #: the last :data:`RECENT_SAMPLES` per-batch render times, oldest first
+    render_seconds_recent: list[float] = field(default_factory=list)
+    #: batches per render-time bucket (not cumulative): one count per :data:`RENDER_SECONDS_BUCKETS` bound, then +Inf
+    render_seconds_buckets: tuple[int, ...] = (0,) * (len(RENDER_SECONDS_BUCKETS) + 1)
+    #: requests waiting for dispatch
+    queue_depth: int = 0
+    #: frames in the batch being rendered now (0 when idle)
+    in_flight: int = 0
+    max_batch: int = 1
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.frames_rendered / self.batches if self.batches else 0.0
+
+    def prometheus_lines(self, prefix: str = "edtalk", labels: Mapping[str, str] | None = None) -> list[str]:
+        """These counters in the Prometheus text format (``# HELP``/``# TYPE`` then samples), one string per line.
+
+        ``labels`` are added to every sample (e.g. ``{"device": "cuda:0"}`` when a server runs one
+        scheduler per GPU). Histograms: ``<prefix>_render_batch_size`` (frames per call) and
+        ``<prefix>_render_batch_seconds`` (time per call).
+        """
+        if not _METRIC_NAME.fullmatch(prefix):
+            raise InputError(f"metric prefix must match [a-zA-Z_:][a-zA-Z0-9_:]*, got {prefix!r}")
+        base = dict(labels or {})
+        for name in base:
+            if not _LABEL_NAME.fullmatch(name) or name == "le":
+                raise InputError(f"invalid Prometheus label name {name!r}")
+
+        def sample(name: str, value: float, **extra: str) -> str:
+            lab = {**base, **extra}
+            text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in lab.items())
+            return f"{prefix}_{name}{{{text}}} {_number(value)}" if text else f"{prefix}_{name} {_number(value)}"
+
+        def header(name: str, kind: str, text: str) -> list[str]:
+            return [f"# HELP {prefix}_{name} {text}", f"# TYPE {prefix}_{name} {kind}"]
+
+        out = header("frames_rendered_total", "counter", "Frames rendered by the frame scheduler.")
+        out.append(sample("frames_rendered_total", self.frames_rendered))
+        out += header("render_batches_total", "counter", "Renderer calls made by the frame scheduler.")
+        out.append(sample("render_batches_total", self.batches))
+        out += header("frames_dropped_total", "counter", "Frames not rendered, by reason.")
+        out += [sample("frames_dropped_total", n, reason=r) for r, n in self.dropped.items()]
+
+        out += header("render_batch_size", "histogram", "Frames per renderer call.")
+        bounds = sorted({2**i for i in range(max(self.max_batch, 1).bit_length() + 1) if 2**i <= self.max_batch}
+                        | {self.max_batch})
+        for le in bounds:
+            out.append(sample("render_batch_size_bucket", sum(n for s, n in self.batch_sizes.items() if s <= le),
+                              le=str(le)))
+        out.append(sample("render_batch_size_bucket", self.batches, le="+Inf"))
+        out.append(sample("render_batch_size_sum", sum(s * n for s, n in self.batch_sizes.items())))
+        out.append(sample("render_batch_size_count", self.batches))
+
+        out += header("render_batch_seconds", "histogram", "Time per renderer call, in seconds.")
+        cumulative = itertools.accumulate(self.render_seconds_buckets)
+        for le, n in zip((*(repr(b) for b in RENDER_SECONDS_BUCKETS), "+Inf"), cumulative, strict=True):
+            out.append(sample("render_batch_seconds_bucket", n, le=le))
+        out.append(sample("render_batch_seconds_sum", self.render_seconds_sum))
+        out.append(sample("render_batch_seconds_count", sum(self.render_seconds_buckets)))
+
+        out += header("render_batch_seconds_ewma", "gauge", "Moving average of the time per renderer call, seconds.")
+        out.append(sample("render_batch_seconds_ewma", self.render_seconds_ewma))
+        out += header("scheduler_queue_depth", "gauge", "Frame requests waiting for dispatch.")
+        out.append(sample("scheduler_queue_depth", self.queue_depth))
+        out += header("scheduler_in_flight", "gauge", "Frames in the renderer call running now.")
+        out.append(sample("scheduler_in_flight", self.in_flight))
+        return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return "NaN" if math.isnan(value) else repr(float(value))
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    avatar: Any
+    lip: torch.Tensor           # [lip_dim] float32, CPU
+    pose: torch.Tensor          # [pose_dim] float32, CPU
+    session: str
+    deadline: float | None      # loop.time() by which it must be dispatched
+    enqueued: float             # loop.time() at enqueue
+    seq: int                    # global arrival order
+    future: asyncio.Future
+
+
+class FrameScheduler:
+    """Batches single-frame requests from all sessions into one ``renderer.render`` call at a time.
+
+    ``max_batch`` bounds the frames per call, ``max_wait_ms`` how long the first waiting request
+    waits for company, ``max_queue`` how many requests may wait (beyond it :meth:`render` raises
+    :class:`FrameDropped` at once). ``stop_timeout`` bounds how long :meth:`stop` waits for a
+    renderer call already running. Requests are served oldest first; when several sessions have
+    requests waiting, a batch takes one from each session in turn (oldest head first), so a
+    session with a backlog cannot crowd the others out of a batch.
+    """
+
+    def __init__(self, renderer: Renderer, max_batch: int = 16, max_wait_ms: float = 4.0, max_queue: int = 256,
+                 stop_timeout: float = 10.0):
+        if int(max_batch) != max_batch or max_batch < 1:
+            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not max_wait_ms >= 0:
+            raise InputError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        if int(max_queue) != max_queue or max_queue < 1:
+            raise InputError(f"max_queue must be a positive integer, got {max_queue!r}")
+        self.renderer = renderer
+        self.max_batch = int(max_batch)
+        self.max_wait = float(max_wait_ms) / 1000.0
+        self.max_queue = int(max_queue)
+        self.stop_timeout = float(stop_timeout)
+        config = getattr(renderer, "config", None)
+        self._lip_dim = int(getattr(config, "lip_dim", 20))
+        self._pose_dim = int(getattr(config, "pose_dim", 6))
+        self._backend = str(getattr(renderer, "name", "") or "")
+
+        self._queues: dict[str, deque[_Request]] = {}     # per session, FIFO
+        self._depth = 0                                    # queued requests (may include caller-cancelled ones)
+        self._seq = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed: threading.Event | None = None      # set by stop(); read by calls still queued in the thread
+        self._calls: set[concurrent.futures.Future] = set()   # submitted to the render thread, not yet done
+        self._inflight_frames = 0
+
+        self._frames = 0
+        self._batches = 0
+        self._batch_sizes: dict[int, int] = {}
+        self._dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._render_last = 0.0
+        self._render_ewma = 0.0
+        self._render_sum = 0.0
+        self._render_recent: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self._render_buckets = [0] * (len(RENDER_SECONDS_BUCKETS) + 1)
+        self._unlogged = dict.fromkeys(DROP_REASONS, 0)
+        self._last_log = {"drop": -math.inf, "error": -math.inf}
+
+    def __repr__(self) -> str:
+        return (f"FrameScheduler({self._backend or type(self.renderer).__name__}, max_batch={self.max_batch}, "
+                f"max_wait_ms={self.max_wait * 1000:g}, max_queue={self.max_queue})")
+
+    # ------------------------------------------------------------ life cycle
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the dispatcher task and the render thread (no-op when already running)."""
+        if self.running:
+            return
+        if self._task is not None:                         # the dispatcher died: release what it left
+            await self.stop()
+        self._wake = asyncio.Event()
+        self._closed = threading.Event()
+        self._calls = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edtalk-render")
+        self._task = asyncio.create_task(self._run(), name="edtalk-frame-scheduler")
+        logger.info("frame scheduler started: %r", self)
+
+    async def stop(self) -> None:
+        """Stop: waiting requests, the batch being rendered and queued :meth:`run` calls fail with
+        :class:`SchedulerClosed`.
+
+        Waits (up to ``stop_timeout``) for a call already running in the render thread so the
+        renderer can be closed safely afterwards; leaves no task or thread behind.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if self._closed is not None:
+            self._closed.set()                             # calls not started yet raise instead of running
+        self._fail_queued()
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("frame scheduler dispatcher had failed", exc_info=task.exception())
+        executor, self._executor = self._executor, None
+        calls, self._calls = [c for c in list(self._calls) if not c.done()], set()
+        finished = True
+        if calls:
+            done, pending = await asyncio.wait([asyncio.wrap_future(c) for c in calls], timeout=self.stop_timeout)
+            for w in done:
+                if not w.cancelled():
+                    w.exception()                          # retrieved here; their callers were told already
+            for w in pending:
+                w.cancel()
+            if pending:
+                finished = False
+                logger.warning("a render-thread call is still running %.1f s after stop(); leaving its thread "
+                               "behind", self.stop_timeout)
+        if executor is not None:
+            executor.shutdown(wait=finished, cancel_futures=True)
+        logger.info("frame scheduler stopped (%d frames in %d batches, dropped %s)", self._frames, self._batches,
+                    self._dropped)
+
+    async def __aenter__(self) -> FrameScheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------ requests
+    async def render(self, avatar: Avatar, lip: torch.Tensor | np.ndarray | Sequence[float],
+                     pose: torch.Tensor | np.ndarray | Sequence[float], session: str = "",
+                     deadline: float | None = None) -> np.ndarray:
+        """Render one frame: mouth ``lip [lip_dim]`` and ``pose [pose_dim]`` coefficients on ``avatar``.
+
+        Returns ``uint8 [S,S,3]`` RGB (a row of the batch's array). ``deadline`` is a
+        ``loop.time()`` by which the request must have been dispatched, else it raises
+        :class:`FrameDropped` (``reason="deadline"``); a full queue raises ``FrameDropped``
+        (``reason="queue_full"``) at once. A renderer failure raises that failure (only the frames
+        of that batch fail). Raises :class:`SchedulerClosed` when the scheduler is not running
+        and :class:`~edtalk.errors.InputError` for bad coefficients or an avatar of another backend.
+        """
+        if not self.running or self._wake is None:
+            raise SchedulerClosed("the frame scheduler is not running (call start() first)")
+        lip_t = self._coeffs(lip, self._lip_dim, "mouth", session)
+        pose_t = self._coeffs(pose, self._pose_dim, "pose", session)
+        backend = getattr(avatar, "backend", None)
+        if self._backend and backend is not None and backend != self._backend:
+            raise InputError(f"avatar of session {session!r} was prepared by backend {backend!r}, "
+                             f"not {self._backend!r}")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline is not None and deadline <= now:
+            self._drop("deadline")
+            raise FrameDropped("deadline", f"frame for session {session!r} dropped: its deadline passed "
+                                           f"{(now - deadline) * 1e3:.1f} ms before it was queued")
+        if self._depth >= self.max_queue:
+            self._purge(now)
+            if self._depth >= self.max_queue:
+                self._drop("queue_full")
+                raise FrameDropped("queue_full", f"frame for session {session!r} dropped: queue full "
+                                                 f"({self._depth} frames waiting, max_queue={self.max_queue})")
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        request = _Request(avatar, lip_t, pose_t, session, deadline, now, next(self._seq), future)
+        self._queues.setdefault(session, deque()).append(request)
+        self._depth += 1
+        self._wake.set()
+        return await future
+
+    async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run ``fn(*args)`` in the render thread, between batches, and return its result.
+
+        For a session's other device work (Audio2Lip on new audio, the EEM blocks of a new
+        expression): device calls stay serialized with rendering and the event loop never runs
+        them. Raises what ``fn`` raises, or :class:`SchedulerClosed` when the scheduler stops first.
+        """
+        if not self.running:
+            raise SchedulerClosed("the frame scheduler is not running (call start() first)")
+        return await asyncio.wrap_future(self._submit(fn, *args))
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Queue ``fn(*args)`` for the render thread; it raises :class:`SchedulerClosed` instead of running
+        when :meth:`stop` came first."""
+        assert self._executor is not None and self._closed is not None
+        closed = self._closed
+
+        def call() -> T:
+            if closed.is_set():
+                raise SchedulerClosed("the frame scheduler stopped before this call ran")
+            return fn(*args)
+
+        future = self._executor.submit(call)
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)     # runs in the render thread; set.discard is atomic
+        return future
+
+    @staticmethod
+    def _coeffs(value: Any, dim: int, what: str, session: str) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float32).detach()
+        if t.ndim > 2 or t.numel() != dim or (t.ndim == 2 and t.shape[0] != 1):
+            raise InputError(f"{what} coefficients of session {session!r} must be [{dim}], got {list(t.shape)}")
+        return t.reshape(dim).cpu().clone()              # the caller may reuse its buffer before the frame renders
+
+    # ------------------------------------------------------------ stats
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for dispatch."""
+        return sum(1 for q in self._queues.values() for r in q if not r.future.done())
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """A snapshot of the counters (safe to keep; later frames do not change it)."""
+        return SchedulerStats(
+            frames_rendered=self._frames, batches=self._batches, batch_sizes=dict(sorted(self._batch_sizes.items())),
+            dropped=dict(self._dropped), render_seconds_last=self._render_last,
+            render_seconds_ewma=self._render_ewma, render_seconds_sum=self._render_sum,
+            render_seconds_recent=list(self._render_recent), render_seconds_buckets=tuple(self._render_buckets),
+            queue_depth=self.queue_depth, in_flight=self._inflight_frames, max_batch=self.max_batch,
+        )
+
+    def prometheus_lines(self, prefix: str = "edtalk", labels: Mapping[str, str] | None = None) -> list[str]:
+        """Prometheus text-format lines of :attr:`stats` (see :meth:`SchedulerStats.prometheus_lines`)."""
+        return self.stats.prometheus_lines(prefix, labels)
+
+    def _record(self, size: int, seconds: float) -> None:
+        self._frames += size
+        self._batches += 1
+        self._batch_sizes[size] = self._batch_sizes.get(size, 0) + 1
+        self._render_last = seconds
+        ewma = self._render_ewma
+        self._render_ewma = seconds if self._batches == 1 else ewma + EWMA_ALPHA * (seconds - ewma)
+        self._render_sum += seconds
+        self._render_recent.append(seconds)
+        self._render_buckets[next((i for i, b in enumerate(RENDER_SECONDS_BUCKETS) if seconds <= b),
+                                  len(RENDER_SECONDS_BUCKETS))] += 1
+
+    def _drop(self, reason: str, n: int = 1, exc: BaseException | None = None) -> None:
+        """Count ``n`` dropped frames; log drops (and, separately, render failures) at most once per
+        :data:`LOG_INTERVAL_S`."""
+        self._dropped[reason] += n
+        if reason == "stopped":
+            return
+        kind = "error" if reason == "error" else "drop"
+        self._unlogged[reason] += n
+        now = time.monotonic()
+        if now - self._last_log[kind] < LOG_INTERVAL_S:
+            return
+        self._last_log[kind] = now
+        if kind == "error":
+            logger.error("renderer call failed: %d frames failed since the last report (%d in all); only the "
+                         "frames of the failing batch fail, serving on", self._unlogged["error"],
+                         self._dropped["error"], exc_info=exc)
+            self._unlogged["error"] = 0
+            return
+        what = ", ".join(f"{k} {r.replace('_', ' ')}" for r, k in self._unlogged.items() if k and r != "error")
+        logger.warning("frame scheduler dropped frames since the last report (%s); queue depth %d", what, self._depth)
+        self._unlogged.update(deadline=0, queue_full=0)
+
+    # ------------------------------------------------------------ queue
+    def _purge(self, now: float) -> None:
+        """Remove requests whose caller gave up and fail those whose deadline has passed."""
+        expired = 0
+        for session in list(self._queues):
+            keep: deque[_Request] = deque()
+            for r in self._queues[session]:
+                if r.future.done():
+                    continue
+                if r.deadline is not None and r.deadline <= now:
+                    r.future.set_exception(FrameDropped("deadline", (
+                        f"frame for session {session!r} dropped: waited {(now - r.enqueued) * 1e3:.1f} ms, "
+                        f"{(now - r.deadline) * 1e3:.1f} ms past its deadline")))
+                    expired += 1
+                    continue
+                keep.append(r)
+            if keep:
+                self._queues[session] = keep
+            else:
+                del self._queues[session]
+        self._depth = sum(len(q) for q in self._queues.values())
+        if expired:
+            self._drop("deadline", expired)
+
+    def _take(self, now: float) -> list[_Request]:
+        """Up to ``max_batch`` live requests: one per session in turn, sessions ordered by their oldest request."""
+        self._purge(now)
+        heads = sorted((q for q in self._queues.values()), key=lambda q: q[0].seq)
+        batch: list[_Request] = []
+        while heads and len(batch) < self.max_batch:
+            rest = []
+            for q in heads:
+                batch.append(q.popleft())
+                if len(batch) == self.max_batch:
+                    break
+                if q:
+                    rest.append(q)
+            heads = rest
+        self._queues = {s: q for s, q in self._queues.items() if q}
+        self._depth -= len(batch)
+        return batch
+
+    def _fail(self, batch: Sequence[_Request], exc: BaseException, reason: str) -> None:
+        live = [r for r in batch if not r.future.done()]
+        for r in live:
+            r.future.set_exception(exc)
+        if live:
+            self._drop(reason, len(live), exc)
+
+    def _fail_queued(self) -> None:
+        for q in self._queues.values():
+            self._fail(q, SchedulerClosed("the frame scheduler stopped before this frame was rendered"), "stopped")
+        self._queues.clear()
+        self._depth = 0
+
+    # ------------------------------------------------------------ dispatcher
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch: list[_Request] = []
+            try:
+                await self._gather(loop)
+                batch = self._take(loop.time())
+                if batch:
+                    await self._dispatch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:                       # a bug here must not leave every session hanging
+                logger.exception("frame scheduler error; failing the %d frames of this batch", len(batch))
+                self._fail(batch, exc, "error")
+                await asyncio.sleep(max(self.max_wait, 0.001))   # never spin the loop on a repeating failure
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Return once ``max_batch`` requests wait or the oldest has waited ``max_wait``."""
+        assert self._wake is not None
+        while True:
+            if self._depth == 0:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._depth >= self.max_batch:
+                return
+            oldest = min(q[0].enqueued for q in self._queues.values())
+            remaining = oldest + self.max_wait - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+
+    async def _dispatch(self, batch: list[_Request]) -> None:
+        """Render ``batch`` in the render thread and hand each caller its row."""
+        n = len(batch)
+        call = self._submit(self._render_batch, [r.avatar for r in batch], [r.lip for r in batch],
+                            [r.pose for r in batch])
+        self._inflight_frames = n
+        try:
+            frames, seconds = await asyncio.wrap_future(call)
+        except asyncio.CancelledError:                     # stop(): the call may still run; stop() waits for it
+            self._inflight_frames = 0
+            self._fail(batch, SchedulerClosed("the frame scheduler stopped while this frame was rendering"),
+                       "stopped")
+            raise
+        except Exception as exc:
+            self._inflight_frames = 0
+            self._fail(batch, exc, "error")
+            return
+        self._inflight_frames = 0
+        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[0] != n:
+            shape = list(frames.shape) if isinstance(frames, np.ndarray) else type(frames).__name__
+            self._fail(batch, EDTalkError(f"renderer returned {shape} for a batch of {n} frames, "
+                                                   f"expected [{n},S,S,3]"), "error")
+            return
+        self._record(n, seconds)
+        for i, r in enumerate(batch):
+            if not r.future.done():                       # its caller may have given up meanwhile
+                r.future.set_result(frames[i])
+
+    def _render_batch(self, avatars: list[Any], lips: list[torch.Tensor],
+                      poses: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+        """Runs in the render thread: one renderer call, timed."""
+        lip, pose = torch.stack(lips), torch.stack(poses)
+        start = time.perf_counter()
+        frames = self.renderer.render(avatars, lip, pose)
+        return frames, time.perf_counter() - start
