@@ -94,6 +94,44 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-batch", type=int, default=64, metavar="N", help="largest batch of the profile (64)")
     build.set_defaults(run=_run_build)
 
+    serve = commands.add_parser(
+        "serve",
+        help="start the WebRTC avatar server",
+        description="Serve a talking avatar over WebRTC: POST /offer, a browser page at /, /health, /metrics.",
+    )
+    serve.add_argument("--weights", required=True, metavar="DIR", help="folder with the official weights")
+    serve.add_argument("--avatar", metavar="IMAGE", help="the avatar: a face filling a square crop")
+    serve.add_argument("--pose-video", metavar="CLIP", help="driving clip for the 'clip' pose mode")
+    serve.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    serve.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="HTTP port (8080)")
+    serve.add_argument("--max-sessions", type=int, default=8, metavar="N", help="session limit; then 503 (8)")
+    serve.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
+    serve.add_argument("--render-budget", type=float, default=0.1, metavar="S",
+                       help="seconds of output delay reserved for rendering, on top of the lip-sync look-ahead (0.1)")
+    serve.add_argument("--inactivity-timeout", type=float, default=10.0, metavar="S",
+                       help="reclaim a session after this many seconds without incoming audio (10)")
+    serve.add_argument("--ice-server", action="append", metavar="URL",
+                       help="STUN/TURN server for peers behind NAT, e.g. stun:stun.l.google.com:19302 (repeatable)")
+    serve.add_argument("--turn-username", help="username for the TURN servers")
+    serve.add_argument("--turn-credential", help="credential for the TURN servers")
+    serve.add_argument("--udp-ports", metavar="LO-HI", help="UDP port range for media, e.g. 40000-40100")
+    serve.set_defaults(run=_run_serve)
+
+    client = commands.add_parser(
+        "client",
+        help="send an audio file to a server as a microphone and record the answer",
+        description="Connect to an edtalk-live server, send the audio in real time, record video + voice to an mp4.",
+    )
+    client.add_argument("--server", default="http://127.0.0.1:8080", help="server URL")
+    client.add_argument("--audio", required=True, help="speech to send (any format PyAV decodes)")
+    client.add_argument("--out", help="recorded .mp4 (H.264 + AAC)")
+    client.add_argument("--avatar", help="avatar name (see GET /config)")
+    client.add_argument("--emotion", help="emotion preset name")
+    client.add_argument("--pose", choices=["still", "clip", "idle"], help="pose mode")
+    client.set_defaults(run=_run_client)
+
     bench = commands.add_parser(
         "bench",
         help="measure frames per second of the per-frame path (benchmarks/fps.py)",
@@ -142,6 +180,18 @@ def _run_build(args: argparse.Namespace) -> int:
     for stage, path in engines.items():
         print(f"  {stage:<12} {path}")
     return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from realtime.serve import serve
+
+    return serve(args)
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from .client import main_client
+
+    return main_client(args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -62,6 +62,10 @@ class SessionClock:
     def now(self) -> float:
         return self._time() - self.t0
 
+    def restart(self) -> None:
+        """Start session time now (before any frame was sent: when the peer connects)."""
+        self.t0 = self._time()
+
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` of session time (overridable for simulated clocks in tests)."""
         await asyncio.sleep(seconds)

@@ -1,0 +1,299 @@
+"""Python WebRTC client: sends an audio file as if it were a microphone and records what comes back.
+
+    edtalk-live client --server http://127.0.0.1:8080 --audio speech.wav --out recorded.mp4
+
+The audio is sent in real time (20 ms frames, paced by the clock); the avatar video and the
+delayed voice are written to an mp4 (H.264 + AAC) with their received timestamps. Used by the
+end-to-end tests and the latency benchmark, and for scripted use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from edtalk.errors import EDTalkError, InputError
+
+from .media import load_audio
+
+logger = logging.getLogger(__name__)
+
+RATE = 16_000
+PTIME = 0.02
+CHUNK = int(RATE * PTIME)
+
+
+class FileAudioTrack(MediaStreamTrack):
+    """An aiortc audio track that plays 16 kHz mono samples in real time (20 ms frames), then ends."""
+
+    kind = "audio"
+
+    def __init__(self, samples: np.ndarray, tail_silence: float = 0.0):
+        super().__init__()
+        x = np.clip(np.asarray(samples, np.float32), -1, 1)
+        self.samples = (x * 32767).astype(np.int16)
+        self.total = len(self.samples) + int(tail_silence * RATE)
+        self.pos = 0
+        self.t_start: float | None = None       # wall clock (time.time) at which sample 0 was due
+        self._loop_start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live" or self.pos >= self.total:
+            self.stop()
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        if self._loop_start is None:
+            self._loop_start = loop.time()
+            self.t_start = time.time()
+        wait = self._loop_start + self.pos / RATE - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        chunk = self.samples[self.pos: self.pos + CHUNK]
+        if len(chunk) < CHUNK:
+            chunk = np.concatenate([chunk, np.zeros(CHUNK - len(chunk), np.int16)])
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self.pos
+        frame.time_base = fractions.Fraction(1, RATE)
+        self.pos += CHUNK
+        return frame
+
+
+@dataclass
+class ClientResult:
+    """What came back from the server."""
+
+    out: Path | None
+    video_frames: int = 0
+    video_pts: list[int] = field(default_factory=list)           # received RTP-derived pts (90 kHz)
+    video_arrival: list[float] = field(default_factory=list)     # wall-clock arrival of each frame
+    audio_samples: int = 0
+    audio_rate: int = 0
+    audio_arrival: list[tuple[float, int]] = field(default_factory=list)   # (wall time, samples so far)
+    sent_seconds: float = 0.0
+    send_start: float | None = None
+    session: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    size: tuple[int, int] = (0, 0)
+    received_audio: list[np.ndarray] = field(default_factory=list, repr=False)
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+class _Writer:
+    """Writes received video (and audio) frames to an mp4 with their relative timestamps."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.part")
+        self.container = av.open(str(self.tmp), "w", format="mp4")
+        self.video = None
+        self.audio = None
+        self.v0: int | None = None
+        self.a_samples = 0
+
+    def add_video(self, frame: av.VideoFrame) -> None:
+        if self.video is None:
+            self.video = self.container.add_stream("libx264", rate=25)
+            self.video.width, self.video.height = frame.width, frame.height
+            self.video.pix_fmt = "yuv420p"
+            self.video.time_base = fractions.Fraction(1, 90_000)
+            self.video.codec_context.time_base = fractions.Fraction(1, 90_000)
+        if self.v0 is None:
+            self.v0 = frame.pts
+        out = frame.reformat(format="yuv420p")
+        out.pts = frame.pts - self.v0
+        out.time_base = fractions.Fraction(1, 90_000)
+        for packet in self.video.encode(out):
+            self.container.mux(packet)
+
+    def add_audio(self, frame: av.AudioFrame) -> None:
+        if self.audio is None:
+            self.audio = self.container.add_stream("aac", rate=48_000)
+            self.audio.layout = "mono"
+            self.resampler = av.AudioResampler(format="fltp", layout="mono", rate=48_000)
+        for f in self.resampler.resample(frame):
+            f.pts = self.a_samples
+            f.time_base = fractions.Fraction(1, 48_000)
+            self.a_samples += f.samples
+            for packet in self.audio.encode(f):
+                self.container.mux(packet)
+
+    def close(self, ok: bool) -> None:
+        try:
+            if ok:
+                for stream in (self.video, self.audio):
+                    if stream is not None:
+                        for packet in stream.encode(None):
+                            self.container.mux(packet)
+            self.container.close()
+            if ok:
+                self.tmp.replace(self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Path | None = None,
+                     options: dict[str, Any] | None = None, tail: float | None = None,
+                     connect_timeout: float = 20.0, keep_frames: bool = False,
+                     control: list[tuple[float, dict]] | None = None,
+                     record_window: bool = True) -> ClientResult:
+    """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
+
+    With ``record_window`` (default) only what the server sends for the sent audio is kept: video and
+    voice arriving from ``delay`` after the first sample was sent until ``delay`` after the last, where
+    ``delay`` is the server's output delay (from the answer), so the recording has one frame per 40 ms
+    of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists ``(seconds after start, message)``
+    pairs sent on the ``control`` data channel (e.g. ``{"type": "emotion", "name": "happy"}``).
+    """
+    import aiohttp
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    samples = audio if isinstance(audio, np.ndarray) else load_audio(audio, RATE)
+    base = server.rstrip("/")
+    result = ClientResult(out=Path(out) if out else None, sent_seconds=len(samples) / RATE)
+    writer = _Writer(result.out) if result.out else None
+    pc = RTCPeerConnection()
+    sender_track = FileAudioTrack(samples)
+    pc.addTrack(sender_track)
+    pc.addTransceiver("video", direction="recvonly")
+    channel = pc.createDataChannel("control")
+    replies: list[dict] = []
+    channel.on("message", lambda m: replies.append(json.loads(m)))
+    done = asyncio.Event()
+    connected = asyncio.Event()
+    tasks: list[asyncio.Task] = []
+
+    window: list[float] = []          # [start, end] wall-clock window to keep (set once sending starts)
+
+    def keep(now: float) -> bool:
+        return bool(window) and window[0] <= now < window[1]
+
+    async def read_video(track):
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if done.is_set():
+                return
+            if not keep(time.time()):
+                continue
+            result.video_frames += 1
+            result.video_pts.append(frame.pts)
+            result.video_arrival.append(time.time())
+            result.size = (frame.width, frame.height)
+            if keep_frames:
+                result.frames.append(frame.to_ndarray(format="rgb24"))
+            if writer is not None:
+                writer.add_video(frame)
+
+    async def read_audio(track):
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if done.is_set():
+                return
+            if not keep(time.time()):
+                continue
+            result.audio_rate = frame.sample_rate
+            result.audio_samples += frame.samples
+            result.audio_arrival.append((time.time(), result.audio_samples))
+            if keep_frames:
+                result.received_audio.append(frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1))
+            if writer is not None:
+                writer.add_audio(frame)
+
+    @pc.on("track")
+    def on_track(track):
+        tasks.append(asyncio.ensure_future(read_video(track) if track.kind == "video" else read_audio(track)))
+
+    @pc.on("connectionstatechange")
+    async def on_state():
+        if pc.connectionState == "connected":
+            connected.set()
+        elif pc.connectionState in ("failed", "closed"):
+            done.set()
+
+    ok = False
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        payload = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, **(options or {})}
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.post(f"{base}/offer", json=payload) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status != 200:
+                        raise EDTalkError(f"server refused the session ({resp.status}): {body.get('error', body)}")
+            except aiohttp.ClientError as e:
+                raise EDTalkError(f"cannot reach {base}: {e}") from None
+        result.session = body.get("session", "")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        try:
+            await asyncio.wait_for(connected.wait(), connect_timeout)
+        except TimeoutError:
+            raise EDTalkError(f"no WebRTC connection to {base} within {connect_timeout:g} s") from None
+        server_delay = float(body.get("delay_ms", 300)) / 1000
+        while sender_track.t_start is None:               # sending starts once media flows
+            await asyncio.sleep(0.005)
+        start = sender_track.t_start
+        window[:] = [start + server_delay, start + result.sent_seconds + server_delay]
+        if not record_window:
+            window[:] = [0.0, float("inf")]
+        if control:
+            for at, msg in control:
+                await asyncio.sleep(max(0.0, start + at - time.time()))
+                if channel.readyState == "open":
+                    channel.send(json.dumps(msg))
+        await asyncio.sleep(max(0.0, start + result.sent_seconds - time.time()))
+        if channel.readyState == "open":
+            channel.send(json.dumps({"type": "stats"}))
+        # the last frames leave the server `server_delay` after the audio; the receiver adds its jitter buffer
+        await asyncio.sleep(server_delay + (0.5 if tail is None else tail))
+        if channel.readyState == "open":
+            channel.send(json.dumps({"type": "stats"}))
+            await asyncio.sleep(0.2)
+        stats = next((r for r in reversed(replies) if r.get("type") == "stats"), {})
+        result.stats = stats.get("stats", {})
+        result.send_start = sender_track.t_start
+        ok = True
+        return result
+    finally:
+        done.set()
+        await pc.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if writer is not None:
+            writer.close(ok and result.video_frames > 0)
+
+
+def main_client(args) -> int:
+    """``edtalk-live client``: returns the exit code."""
+    options = {}
+    for key in ("avatar", "emotion", "pose"):
+        value = getattr(args, key, None)
+        if value:
+            options[key] = value
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise InputError(f"output folder does not exist: {Path(args.out).parent}")
+    result = asyncio.run(run_client(args.server, args.audio, args.out, options))
+    s = result.stats
+    print(f"sent {result.sent_seconds:.2f} s of audio; received {result.video_frames} video frames "
+          f"{result.size[0]}x{result.size[1]} and {result.audio_samples / max(result.audio_rate, 1):.2f} s of voice"
+          + (f"; wrote {result.out}" if result.out else ""))
+    if s:
+        print(f"server: latency p50 {s.get('latency_ms_p50')} ms, p95 {s.get('latency_ms_p95')} ms, "
+              f"A/V offset {s.get('av_offset_ms')} ms, frames dropped {s.get('frames_dropped')}")
+    return 0

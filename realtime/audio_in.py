@@ -1,0 +1,131 @@
+"""Incoming speech: resampled to 16 kHz mono and placed on the session clock by its timestamps.
+
+aiortc's audio receiver can deliver fewer samples than were sent under packet loss, while the
+RTP timestamps stay right (DESIGN.md). So samples are placed by timestamp, not appended: a gap
+becomes silence and the lips stay on the voice. Storage is a bounded ring indexed by absolute
+sample position; reads outside what was written return silence.
+"""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+
+import av
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RATE = 16_000
+
+
+class SampleRing:
+    """The last ``capacity`` samples of an endless float32 stream, addressed by absolute position."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._buf = np.zeros(capacity, np.float32)
+        self.end = 0          # one past the last written position
+        self.start = 0        # first position still held (and not cleared)
+
+    def write(self, pos: int, samples: np.ndarray) -> None:
+        """Write ``samples`` at ``pos`` (``pos >= start``); positions between ``end`` and ``pos`` become silence."""
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        if pos > self.end:
+            self._fill(self.end, pos - self.end)
+        if pos < self.start:                        # too old: what is still writable
+            samples = samples[self.start - pos:]
+            pos = self.start
+        n = len(samples)
+        if n == 0:
+            return
+        if n > self.capacity:
+            samples, pos, n = samples[-self.capacity:], pos + n - self.capacity, self.capacity
+        idx = (pos + np.arange(n)) % self.capacity
+        self._buf[idx] = samples
+        self.end = max(self.end, pos + n)
+        self.start = max(self.start, self.end - self.capacity)
+
+    def _fill(self, pos: int, n: int) -> None:
+        n = min(n, self.capacity)
+        idx = (max(pos, self.end - self.capacity) + np.arange(n)) % self.capacity
+        self._buf[idx] = 0.0
+
+    def read(self, pos: int, n: int) -> np.ndarray:
+        """Samples ``[pos, pos+n)``; silence where nothing is held."""
+        out = np.zeros(n, np.float32)
+        lo, hi = max(pos, self.start), min(pos + n, self.end)
+        if hi > lo:
+            out[lo - pos: hi - pos] = self._buf[(np.arange(lo, hi)) % self.capacity]
+        return out
+
+    def clear_from(self, pos: int) -> None:
+        """Forget everything from ``pos`` on (interrupt): later reads there give silence."""
+        if pos < self.end:
+            self._fill(max(pos, self.start), self.end - max(pos, self.start))
+            self.end = max(pos, self.start)
+
+
+class AudioInput:
+    """Turns incoming ``av.AudioFrame``s of any rate/layout into 16 kHz mono samples on the session clock.
+
+    The first frame is anchored at ``anchor_pos`` (the session-time sample position of its
+    arrival); every later frame lands at ``anchor + (pts - pts0) * 16000 * time_base``. A frame
+    landing past the write cursor leaves a gap (lost packets) that reads as silence; one landing
+    before it (duplicate or reordered) only writes its new part.
+    """
+
+    def __init__(self, capacity_s: float = 30.0, tolerance: int = 160):
+        self.ring = SampleRing(int(capacity_s * RATE))
+        self.tolerance = tolerance                 # jitter (samples) absorbed without inserting silence
+        self._resampler: av.AudioResampler | None = None
+        self._anchor: tuple[int, Fraction] | None = None   # (anchor sample position, pts0 in seconds)
+        self.cursor = 0                            # where the next contiguous sample goes
+        self.frames = 0
+        self.gap_samples = 0
+        self.last_pts_seconds: float | None = None
+
+    @property
+    def anchored(self) -> bool:
+        return self._anchor is not None
+
+    def push(self, frame: av.AudioFrame, arrival_pos: int) -> None:
+        """Add one received frame; ``arrival_pos`` is ``session.now() * 16000`` at its arrival."""
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+        pts_s = None
+        if frame.pts is not None and frame.time_base is not None:
+            pts_s = Fraction(frame.pts) * frame.time_base
+        if self._anchor is None:
+            self._anchor = (arrival_pos, pts_s if pts_s is not None else Fraction(0))
+            self.cursor = arrival_pos
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)] or
+                                 [np.zeros(0, np.float32)])
+        self.frames += 1
+        if pts_s is not None:
+            self.last_pts_seconds = float(pts_s)
+            anchor_pos, pts0 = self._anchor
+            pos = anchor_pos + round((pts_s - pts0) * RATE)
+            if pos > self.cursor + self.tolerance:            # lost packets: leave silence
+                self.gap_samples += pos - self.cursor
+                self.cursor = pos
+            elif pos < self.cursor - max(self.tolerance, len(samples)):   # stale duplicate
+                return
+        self.ring.write(self.cursor, samples)
+        self.cursor += len(samples)
+
+    def fill_silence_until(self, pos: int) -> None:
+        """Advance the cursor to ``pos`` with silence (no audio arriving: the mouth must rest)."""
+        if pos > self.cursor:
+            self.ring.write(pos, np.zeros(0, np.float32))
+            self.cursor = pos
+
+    def read(self, pos: int, n: int) -> np.ndarray:
+        return self.ring.read(pos, n)
+
+    def read_int16(self, pos: int, n: int) -> np.ndarray:
+        x = np.clip(self.ring.read(pos, n), -1.0, 1.0)
+        return (x * 32767.0).astype(np.int16)
+
+    def clear_from(self, pos: int) -> None:
+        self.ring.clear_from(pos)

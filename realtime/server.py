@@ -1,0 +1,357 @@
+"""The WebRTC avatar server: aiohttp signaling + aiortc media, one frame scheduler for all sessions.
+
+Routes: ``GET /`` (the browser page), ``POST /offer`` (SDP offer + session options -> answer),
+``GET /config`` (avatars, emotions, pose modes, ICE servers for clients), ``GET /health``,
+``GET /metrics`` (Prometheus text). State lives on the :class:`AvatarServer` object, never in
+module globals; a failing session closes only its own peer connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from aiohttp import web
+
+from edtalk.errors import EDTalkError, InputError
+from engines.base import Renderer
+
+from .scheduler import FrameScheduler
+from .session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parents[1] / "clients" / "web"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Server configuration (one object, passed down)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_sessions: int = 8
+    ice_servers: tuple[dict, ...] = ()          # [{"urls": "stun:...", "username":..., "credential":...}]
+    udp_ports: tuple[int, int] | None = None    # restrict ICE host candidates to this port range
+    inactivity_timeout: float = 10.0            # seconds without incoming audio before the session is reclaimed
+    connect_timeout: float = 30.0               # seconds for ICE/DTLS to connect
+    render_budget: float = 0.1                  # seconds added to the lip-sync look-ahead for rendering
+    #: how far behind real time silence replaces audio that has not arrived (must stay below render_budget;
+    #: audio arriving later than this is dropped, so it also bounds the network jitter tolerated)
+    jitter_margin: float = 0.05
+    max_batch: int = 16
+    max_wait_ms: float = 4.0
+    max_offer_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise InputError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if not 0 <= self.jitter_margin < self.render_budget:
+            raise InputError(f"jitter_margin ({self.jitter_margin}) must be >= 0 and below render_budget "
+                             f"({self.render_budget})")
+        if self.udp_ports is not None:
+            lo, hi = self.udp_ports
+            if not (1024 <= lo <= hi <= 65535):
+                raise InputError(f"UDP port range must be within 1024-65535, got {lo}-{hi}")
+
+
+def prepare_avatar(renderer: Renderer, name: str, image: torch.Tensor,
+                   clip_poses: torch.Tensor | None = None) -> AvatarAssets:
+    """Encode an identity image ``[1,3,S,S]`` once and read its own pose, expression and mouth."""
+    source = renderer.prepare_source(image)
+    own = renderer.read_motion(image)
+    rest_exp = own.exp[:1] if own.exp is not None else None
+    avatar = renderer.prepare_expression(source, rest_exp)
+    idle = renderer.render(avatar, own.lip[:1], own.pose[:1])[0]
+    return AvatarAssets(name=name, source=source, rest_pose=own.pose[0], rest_exp=rest_exp, rest_lip=own.lip[0],
+                        idle_frame=idle, clip_poses=clip_poses)
+
+
+def restrict_udp_ports(loop: asyncio.AbstractEventLoop, lo: int, hi: int) -> None:
+    """Make ICE bind its host candidates inside ``[lo, hi]`` (aioice binds port 0 otherwise).
+
+    aiortc has no option for this; the loop's ``create_datagram_endpoint`` is wrapped so that a
+    bind to port 0 tries the ports of the range in turn.
+    """
+    original = loop.create_datagram_endpoint
+    state = {"next": lo}
+
+    async def create_datagram_endpoint(protocol_factory, local_addr=None, **kw):
+        if not local_addr or local_addr[1] != 0:
+            return await original(protocol_factory, local_addr=local_addr, **kw)
+        span = hi - lo + 1
+        for k in range(span):
+            port = lo + (state["next"] - lo + k) % span
+            try:
+                result = await original(protocol_factory, local_addr=(local_addr[0], port), **kw)
+            except OSError:
+                continue
+            state["next"] = port + 1 if port < hi else lo
+            return result
+        raise OSError(f"no free UDP port in {lo}-{hi} for {local_addr[0]}")
+
+    loop.create_datagram_endpoint = create_datagram_endpoint  # type: ignore[method-assign]
+
+
+@dataclass
+class _Peer:
+    session: Session
+    pc: Any
+    watchdog: asyncio.Task | None = None
+    closed: bool = False
+    log: list[str] = field(default_factory=list)
+
+
+class AvatarServer:
+    """Owns the renderer, the scheduler, the prepared avatars and the live sessions."""
+
+    def __init__(self, renderer: Renderer, avatars: dict[str, AvatarAssets], presets: dict[str, torch.Tensor],
+                 settings: ServerSettings | None = None):
+        if not avatars:
+            raise InputError("the server needs at least one avatar")
+        self.renderer = renderer
+        self.avatars = avatars
+        self.presets = presets if renderer.config.has_expression else {}
+        self.settings = settings = settings or ServerSettings()
+        self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+        self.peers: dict[str, _Peer] = {}
+        self.started = time.time()
+        self.rejected = {"full": 0, "bad_request": 0}
+        self.sessions_total = 0
+        self._closed_stats = {"frames_sent": 0, "latency_hist": [0] * (len(LATENCY_BUCKETS_MS) + 1),
+                              "latency_sum": 0.0, "latency_count": 0}
+
+    # ------------------------------------------------------------ app
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_offer_bytes)
+        app.router.add_get("/", self.index)
+        if WEB_DIR.is_dir():
+            app.router.add_static("/static/", WEB_DIR, show_index=False)
+        app.router.add_post("/offer", self.offer)
+        app.router.add_get("/config", self.config)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.on_startup.append(self._startup)
+        app.on_shutdown.append(self._shutdown)
+        return app
+
+    async def _startup(self, _app: web.Application) -> None:
+        if self.settings.udp_ports is not None:
+            restrict_udp_ports(asyncio.get_running_loop(), *self.settings.udp_ports)
+        await self.scheduler.start()
+
+    async def _shutdown(self, _app: web.Application) -> None:
+        await asyncio.gather(*(self.close_peer(sid, "server shutdown") for sid in list(self.peers)))
+        await self.scheduler.stop()
+
+    # ------------------------------------------------------------ routes
+    async def index(self, _request: web.Request) -> web.StreamResponse:
+        page = WEB_DIR / "index.html"
+        if not page.is_file():
+            return web.Response(status=404, text="the browser page is not installed")
+        return web.FileResponse(page)
+
+    async def config(self, _request: web.Request) -> web.Response:
+        return web.json_response({
+            "avatars": list(self.avatars),
+            "emotions": sorted(self.presets),
+            "pose_modes": [m for m in POSE_MODES if m != "clip" or any(a.clip_poses is not None
+                                                                       for a in self.avatars.values())],
+            "ice_servers": list(self.settings.ice_servers),
+            "size": self.renderer.config.size,
+            "family": self.renderer.config.family,
+        })
+
+    async def health(self, _request: web.Request) -> web.Response:
+        ok = self.scheduler.running
+        return web.json_response({"status": "ok" if ok else "degraded", "sessions": len(self.peers),
+                                  "max_sessions": self.settings.max_sessions, "backend": self.renderer.describe(),
+                                  "uptime_s": round(time.time() - self.started, 1)}, status=200 if ok else 503)
+
+    def _error(self, status: int, message: str) -> web.Response:
+        if status == 400:
+            self.rejected["bad_request"] += 1
+        return web.json_response({"error": message}, status=status)
+
+    async def offer(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > self.settings.max_offer_bytes:
+            return self._error(413, f"offer larger than {self.settings.max_offer_bytes} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(413, f"offer larger than {self.settings.max_offer_bytes} bytes")
+        try:
+            params = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return self._error(400, "the offer must be a JSON object {sdp, type, ...options}")
+        if not isinstance(params, dict):
+            return self._error(400, "the offer must be a JSON object {sdp, type, ...options}")
+        sdp, kind = params.pop("sdp", None), params.pop("type", None)
+        if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
+            return self._error(400, 'expected {"type": "offer", "sdp": "<session description>"}')
+        if len(self.peers) >= self.settings.max_sessions:
+            self.rejected["full"] += 1
+            return web.json_response({"error": f"server full: {len(self.peers)} of {self.settings.max_sessions} "
+                                      "sessions in use, try again later"}, status=503, headers={"Retry-After": "5"})
+        try:
+            options = SessionOptions.from_json(params, list(self.avatars), sorted(self.presets),
+                                               any(a.clip_poses is not None for a in self.avatars.values()))
+        except EDTalkError as e:
+            return self._error(400, str(e))
+        try:
+            answer = await self._connect(sdp, options)
+        except InputError as e:
+            return self._error(400, str(e))
+        return web.json_response(answer)
+
+    async def _connect(self, sdp: str, options: SessionOptions) -> dict:
+        from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+        ice = [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+               for s in self.settings.ice_servers]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
+        sid = uuid.uuid4().hex
+        session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
+                          render_budget=self.settings.render_budget, jitter_margin=self.settings.jitter_margin)
+        peer = _Peer(session, pc)
+        self.peers[sid] = peer
+        self.sessions_total += 1
+        ok = False
+        try:
+            @pc.on("track")
+            def on_track(track):
+                if track.kind == "audio":
+                    session.consume(track)
+
+            @pc.on("datachannel")
+            def on_datachannel(channel):
+                @channel.on("message")
+                def on_message(message):
+                    channel.send(json.dumps(self._control(session, message)))
+
+            @pc.on("connectionstatechange")
+            async def on_state():
+                logger.info("session %s: connection %s", sid[:8], pc.connectionState)
+                if pc.connectionState == "connected":
+                    session.start()
+                elif pc.connectionState in ("failed", "closed"):
+                    await self.close_peer(sid, f"connection {pc.connectionState}")
+
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            except Exception as e:  # noqa: BLE001 - mutated offers raise many exception types
+                raise InputError(f"bad SDP offer: {type(e).__name__}: {e}") from None
+            kinds = [t.kind for t in pc.getTransceivers()]
+            if "audio" not in kinds or "video" not in kinds:
+                raise InputError("the offer must have one audio (microphone) and one video (avatar) media section")
+            pc.addTrack(session.voice)
+            pc.addTrack(session.video)
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+            peer.watchdog = asyncio.create_task(self._watch(sid), name=f"session-{sid[:8]}-watchdog")
+            ok = True
+            logger.info("session %s: started (avatar %s, emotion %s, pose %s)", sid[:8], options.avatar,
+                        options.emotion, options.pose)
+            return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid,
+                    "delay_ms": round(session.delay * 1000, 1)}
+        finally:
+            if not ok:
+                await self.close_peer(sid, "setup failed")
+
+    def _control(self, session: Session, message: Any) -> dict:
+        try:
+            if isinstance(message, bytes):
+                message = message.decode("utf-8")
+            return session.control(json.loads(message))
+        except (ValueError, UnicodeDecodeError):
+            return {"type": "error", "error": "control messages must be JSON objects"}
+        except EDTalkError as e:
+            return {"type": "error", "error": str(e)}
+
+    async def _watch(self, sid: str) -> None:
+        """Reclaim a session whose peer vanished: not connected in time, or no audio for a while."""
+        peer = self.peers.get(sid)
+        s = self.settings
+        while peer is not None and not peer.closed:
+            await asyncio.sleep(1.0)
+            state = peer.pc.connectionState
+            age = peer.session.clock.now()
+            if state != "connected" and age > s.connect_timeout:
+                await self.close_peer(sid, f"not connected after {s.connect_timeout:g} s ({state})")
+            elif state == "connected" and peer.session.idle_seconds > s.inactivity_timeout:
+                await self.close_peer(sid, f"no audio for {s.inactivity_timeout:g} s")
+
+    async def close_peer(self, sid: str, reason: str) -> None:
+        peer = self.peers.pop(sid, None)
+        if peer is None or peer.closed:
+            return
+        peer.closed = True
+        logger.info("session %s: closing (%s)", sid[:8], reason)
+        st = peer.session.stats
+        self._closed_stats["frames_sent"] += peer.session.video.stats.sent
+        for k, n in enumerate(st.latency_hist):
+            self._closed_stats["latency_hist"][k] += n
+        self._closed_stats["latency_sum"] += st.latency_sum_ms
+        self._closed_stats["latency_count"] += st.latency_count
+        try:
+            await peer.session.close()
+        finally:
+            try:
+                await peer.pc.close()
+            except Exception:  # noqa: BLE001 - pc.close() can raise on a malformed session
+                logger.warning("session %s: error while closing the peer connection", sid[:8], exc_info=True)
+            if peer.watchdog is not None and peer.watchdog is not asyncio.current_task():
+                peer.watchdog.cancel()
+
+    # ------------------------------------------------------------ metrics
+    async def metrics(self, _request: web.Request) -> web.Response:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP edtalk_{name} {help_}")
+            lines.append(f"# TYPE edtalk_{name} {kind}")
+            for suffix, value in samples:
+                lines.append(f"edtalk_{name}{suffix} {value:g}")
+
+        sessions = [p.session for p in self.peers.values()]
+        metric("sessions", "gauge", "Live sessions.", [("", len(sessions))])
+        metric("sessions_max", "gauge", "Session limit.", [("", self.settings.max_sessions)])
+        metric("sessions_total", "counter", "Sessions started.", [("", self.sessions_total)])
+        metric("sessions_rejected_total", "counter", "Offers refused.",
+               [(f'{{reason="{k}"}}', v) for k, v in self.rejected.items()])
+        sent = self._closed_stats["frames_sent"] + sum(s.video.stats.sent for s in sessions)
+        metric("frames_sent_total", "counter", "Video frames sent.", [("", sent)])
+        metric("frames_repeated_total", "counter", "Frames repeated because the next was not ready.",
+               [("", sum(s.video.stats.repeated for s in sessions))])
+        metric("frames_dropped_total", "counter", "Frames rendered too late or dropped.",
+               [("", sum(s.stats.frames_dropped + s.video.stats.skipped for s in sessions))])
+        fps = [s.video.stats.sent / s.clock.now() for s in sessions if s.clock.now() > 1.0]
+        metric("session_fps", "gauge", "Mean video frames per second over live sessions.",
+               [("", float(np.mean(fps)) if fps else 0.0)])
+        hist = list(self._closed_stats["latency_hist"])
+        total, count = self._closed_stats["latency_sum"], self._closed_stats["latency_count"]
+        for s in sessions:
+            hist = [a + b for a, b in zip(hist, s.stats.latency_hist, strict=True)]
+            total += s.stats.latency_sum_ms
+            count += s.stats.latency_count
+        cum, samples = 0, []
+        for bound, n in zip([*LATENCY_BUCKETS_MS, "+Inf"], hist, strict=True):
+            cum += n
+            le = bound if bound == "+Inf" else f"{bound / 1000:g}"
+            samples.append((f'_bucket{{le="{le}"}}', cum))
+        samples += [("_sum", total / 1000), ("_count", count)]
+        metric("latency_seconds", "histogram", "Audio in to frame out latency.", samples)
+        offsets = [abs(x) for s in sessions for x in list(s.stats.av_offset_ms)[-25:]]
+        metric("av_offset_seconds", "gauge", "Largest recent |video - voice| offset over live sessions.",
+               [("", max(offsets) / 1000 if offsets else 0.0)])
+        lines += self.scheduler.stats.prometheus_lines("edtalk")
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})

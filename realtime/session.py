@@ -1,0 +1,391 @@
+"""One avatar session: speech in, mouth coefficients in sliding windows, frames through the shared scheduler.
+
+The session owns the per-peer state and two tasks (audio consumer, frame producer); media tracks
+read from it. Nothing here knows about networks: the server wires a session to a peer connection.
+
+Timeline (all on the session clock, 16 kHz samples): incoming audio is placed by timestamp
+(:mod:`realtime.audio_in`); the producer feeds it to :class:`realtime.lipsync.StreamingLipSync`
+every tick; when no audio arrives, silence is fed a little behind real time so the mouth rests;
+every final mouth frame gets a head pose and an expression and is rendered by the scheduler with
+a deadline at its due time; the video track shows frame ``i`` at ``i/25 + delay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+from edtalk.errors import InputError
+from engines.base import PreparedSource, Renderer
+
+from .audio_in import RATE, AudioInput
+from .lipsync import LipFrame, LipSyncConfig, StreamingLipSync
+from .motion import ExpressionState, PoseSource
+from .scheduler import FrameDropped, FrameScheduler
+from .tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
+
+logger = logging.getLogger(__name__)
+
+POSE_MODES = ("still", "clip", "idle")
+LATENCY_BUCKETS_MS = (50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2000)
+
+
+@dataclass
+class AvatarAssets:
+    """Everything prepared once per avatar image: the encoded source and its own motion."""
+
+    name: str
+    source: PreparedSource
+    rest_pose: torch.Tensor                 # [6]
+    rest_exp: torch.Tensor | None           # [1,10] or None (lip_pose family)
+    rest_lip: torch.Tensor                  # [20]
+    idle_frame: np.ndarray                  # uint8 [S,S,3], the neutral face
+    clip_poses: torch.Tensor | None = None  # [N,6] of the server's pose clip, if any
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a peer may choose for its session (JSON fields of the offer)."""
+
+    avatar: str = ""
+    emotion: str | None = None
+    intensity: float = 1.0
+    pose: str = "idle"
+    low_latency: bool = False
+
+    FIELDS = ("avatar", "emotion", "intensity", "pose", "low_latency")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool
+                  ) -> SessionOptions:
+        """Validate user options; raises :class:`InputError` naming the bad field or value."""
+        unknown = sorted(set(data) - set(cls.FIELDS))
+        if unknown:
+            raise InputError(f"unknown session option {unknown[0]!r}; known: {', '.join(cls.FIELDS)}")
+        avatar = data.get("avatar") or avatars[0]
+        if avatar not in avatars:
+            raise InputError(f"unknown avatar {avatar!r}; available: {', '.join(avatars)}")
+        emotion = data.get("emotion") or None
+        if emotion is not None and emotion not in emotions:
+            raise InputError(f"unknown emotion {emotion!r}; available: {', '.join(emotions) or 'none'}")
+        intensity = _number(data.get("intensity", 1.0), "intensity", 0.0, 2.0)
+        pose = data.get("pose", "idle")
+        if pose not in POSE_MODES:
+            raise InputError(f"unknown pose mode {pose!r}; choose one of {', '.join(POSE_MODES)}")
+        if pose == "clip" and not has_clip:
+            raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
+        return cls(avatar=avatar, emotion=emotion, intensity=intensity, pose=pose,
+                   low_latency=bool(data.get("low_latency", False)))
+
+
+def _number(value: Any, name: str, lo: float, hi: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
+    return x
+
+
+@dataclass
+class SessionStats:
+    frames_rendered: int = 0
+    frames_dropped: int = 0
+    audio_frames: int = 0
+    latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+    av_offset_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+    latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    latency_sum_ms: float = 0.0
+    latency_count: int = 0
+
+    def note_latency(self, ms: float) -> None:
+        self.latency_ms.append(ms)
+        self.latency_sum_ms += ms
+        self.latency_count += 1
+        k = next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if ms <= b), len(LATENCY_BUCKETS_MS))
+        self.latency_hist[k] += 1
+
+
+def _percentile(values, q: float) -> float | None:
+    return float(np.percentile(np.asarray(values), q)) if len(values) else None
+
+
+class Session:
+    """State and tasks of one connected peer.
+
+    ``delay`` (seconds) is the fixed output delay of video and voice: the lip-sync look-ahead plus
+    ``render_budget``. Call :meth:`start`, feed :meth:`consume` the peer's audio track (or call
+    :meth:`push_audio` directly), attach :attr:`video` and :attr:`voice` to the peer, and
+    :meth:`close` at the end.
+    """
+
+    def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: AvatarAssets,
+                 options: SessionOptions, presets: dict[str, torch.Tensor], render_budget: float = 0.1,
+                 jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
+                 silence_db: float | None = -50.0):
+        self.id = sid
+        self.renderer = renderer
+        self.scheduler = scheduler
+        self.assets = assets
+        self.options = options
+        self.presets = presets
+        self.created = time.time()
+        lip_cfg = LipSyncConfig(lookahead="low" if options.low_latency else "offline", cut_to_frames=False,
+                                silence_db=silence_db)
+        self.lips = StreamingLipSync(renderer.audio_to_lip, lip_cfg, rest_lip=assets.rest_lip)
+        self.delay = self.lips.latency_s + render_budget
+        self.jitter_margin = jitter_margin
+        self.clock = SessionClock(self.delay, time_fn=time_fn)
+        self.audio = AudioInput()
+        self.pose = PoseSource(assets.rest_pose, clip_poses=assets.clip_poses, mode=options.pose,
+                               seed=int(sid[:8], 16) if sid[:8].isalnum() else 0)
+        self.expression = (ExpressionState(assets.rest_exp, emotion=self._preset(options.emotion),
+                                           intensity=options.intensity)
+                           if assets.rest_exp is not None else None)
+        self.frames: dict[int, np.ndarray] = {}
+        self.stats = SessionStats()
+        self.paused = False
+        self.closed = False
+        self.started = False
+        self._fed = 0                      # samples pushed into the lip-sync so far
+        self._interrupt = False            # set by interrupt(), applied by the producer between pops
+        self._avatar_key: bytes | None = None
+        self._avatar = None
+        self._generation = 0               # bumped by interrupt: renders started before are discarded
+        self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=400)
+        self._tasks: set[asyncio.Task] = set()
+        self._last_audio = self.clock.now()
+        self.video = AvatarVideoTrack(self.clock, self._frame_for, assets.idle_frame, on_index=self._sent)
+        self.voice = DelayedVoiceTrack(self.clock, self._voice_for)
+
+    # ------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Start session time and the frame producer (call when the peer connects)."""
+        if self.started:
+            return
+        self.started = True
+        self.clock.restart()
+        self._last_audio = 0.0
+        self._spawn(self._produce(), "producer")
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"session-{self.id[:8]}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self.closed:
+            logger.error("session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Stop every task and track; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for t in (self.video, self.voice):
+            t.stop()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.frames.clear()
+
+    def consume(self, track) -> asyncio.Task:
+        """Read the peer's audio track until it ends (frames placed by their timestamps)."""
+        return self._spawn(self._consume(track), "audio-in")
+
+    async def _consume(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        while not self.closed:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                logger.info("session %s: audio track ended", self.id)
+                return
+            self.push_audio(frame)
+
+    # ------------------------------------------------------------ audio in
+    def push_audio(self, frame: av.AudioFrame) -> None:
+        """One received audio frame (any rate and layout)."""
+        now = self.clock.now()
+        self._last_audio = now
+        self.stats.audio_frames += 1
+        self.audio.push(frame, arrival_pos=int(now * RATE))
+        self._arrivals.append((self.audio.cursor, now))
+
+    def push_samples(self, samples: np.ndarray, pos: int | None = None) -> None:
+        """16 kHz mono float samples at session sample ``pos`` (default: where the last audio ended)."""
+        now = self.clock.now()
+        self._last_audio = now
+        start = self.audio.cursor if pos is None else pos
+        self.audio.ring.write(start, samples)
+        self.audio.cursor = max(self.audio.cursor, start + len(samples))
+        self._arrivals.append((self.audio.cursor, now))
+
+    @property
+    def idle_seconds(self) -> float:
+        """Session time since the last audio frame arrived."""
+        return self.clock.now() - self._last_audio
+
+    def _arrival_time(self, pos: int) -> float | None:
+        """Session time at which sample ``pos`` had arrived (None when it never arrived as audio)."""
+        for end, t in self._arrivals:
+            if end >= pos:
+                return t
+        return None
+
+    # ------------------------------------------------------------ production
+    async def _produce(self, tick: float = 0.02) -> None:
+        while not self.closed:
+            await self.clock.sleep(tick)
+            if self._interrupt:                # the lip-sync is only touched here, never during a pop
+                self._interrupt = False
+                self.lips.reset()
+                self._fed = max(self.lips.position, 0)
+            now_pos = int(self.clock.now() * RATE)
+            # no audio arriving (not started, muted, lost): silence, a little behind real time
+            self.audio.fill_silence_until(now_pos - int(self.jitter_margin * RATE))
+            end = self.audio.cursor
+            if end > self._fed:
+                chunk = self.audio.read(self._fed, end - self._fed)
+                if self.paused:
+                    chunk = np.zeros_like(chunk)
+                self.lips.push(chunk)
+                self._fed = end
+            frames = await self.scheduler.run(self.lips.pop)
+            for f in frames:
+                self._spawn(self._render(f, self._generation), f"frame-{f.index}")
+
+    async def _render(self, f: LipFrame, generation: int) -> None:
+        pose = self.pose.next(voiced=f.voiced)
+        exp = self.expression.next() if self.expression is not None else None
+        try:
+            key = None if exp is None else exp.numpy().tobytes()
+            avatar = self._avatar
+            if avatar is None or key != self._avatar_key:            # EEM only when the expression changes
+                avatar = await self.scheduler.run(self.renderer.prepare_expression, self.assets.source, exp)
+                self._avatar, self._avatar_key = avatar, key
+            deadline = self.clock.t0 + self.clock.video_due(f.index)
+            image = await self.scheduler.render(avatar, f.lip, pose, session=self.id, deadline=deadline)
+        except FrameDropped:
+            self.stats.frames_dropped += 1
+            logger.debug("session %s: frame %d dropped (%.0f ms past due)", self.id[:8], f.index,
+                         (self.clock.now() - self.clock.video_due(f.index)) * 1000)
+            return
+        if generation != self._generation or self.closed:
+            return
+        self.frames[f.index] = image
+        self.stats.frames_rendered += 1
+
+    # ------------------------------------------------------------ track sources
+    def _frame_for(self, index: int) -> np.ndarray | None:
+        image = self.frames.pop(index, None)
+        for k in [k for k in self.frames if k < index]:
+            del self.frames[k]
+            self.stats.frames_dropped += 1
+        return image
+
+    def _sent(self, index: int) -> None:
+        """Video frame ``index`` leaves now: record audio-in -> frame-out latency and the A/V offset."""
+        now = self.clock.now()
+        arrived = self._arrival_time(640 * (index + 1))
+        if arrived is not None and self.audio.frames:
+            self.stats.note_latency((now - arrived) * 1000)
+        voice_media = self.voice.next_sample / RATE
+        voice_sent = self.clock.audio_due(self.voice.next_sample)
+        self.stats.av_offset_ms.append(((now - index / 25) - (voice_sent - voice_media)) * 1000)
+
+    def _voice_for(self, start: int, n: int) -> np.ndarray:
+        if self.paused:
+            return np.zeros(n, np.int16)
+        return self.audio.read_int16(start, n)
+
+    # ------------------------------------------------------------ control
+    def _preset(self, name: str | None) -> torch.Tensor | None:
+        if name is None:
+            return None
+        if name not in self.presets:
+            raise InputError(f"unknown emotion {name!r}; available: {', '.join(sorted(self.presets)) or 'none'}")
+        return self.presets[name]
+
+    def control(self, msg: Any) -> dict[str, Any]:
+        """Apply one control message (already parsed JSON); returns the reply. Raises InputError."""
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise InputError('a control message is a JSON object with a "type"')
+        kind = msg["type"]
+        if kind == "emotion":
+            if self.expression is None:
+                raise InputError("this model (lip_pose family) has no expression control")
+            target = self._preset(msg.get("name") or None)
+            intensity = _number(msg.get("intensity", self.expression.intensity), "intensity", 0.0, 2.0)
+            self.expression.set_emotion(target, intensity=intensity)
+        elif kind == "intensity":
+            if self.expression is None:
+                raise InputError("this model (lip_pose family) has no expression control")
+            self.expression.set_intensity(_number(msg.get("value"), "intensity", 0.0, 2.0))
+        elif kind == "pose":
+            mode = msg.get("mode")
+            if mode not in POSE_MODES:
+                raise InputError(f"unknown pose mode {mode!r}; choose one of {', '.join(POSE_MODES)}")
+            if mode == "clip" and self.assets.clip_poses is None:
+                raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
+            self.pose.set_mode(mode)
+        elif kind == "pause":
+            self.paused = True
+        elif kind == "resume":
+            self.paused = False
+        elif kind == "interrupt":
+            self.interrupt()
+        elif kind != "stats":
+            raise InputError(f"unknown control message type {kind!r}; "
+                             "known: emotion, intensity, pose, pause, resume, interrupt, stats")
+        return {"type": "stats" if kind == "stats" else "ok", "for": kind, "stats": self.snapshot()}
+
+    def interrupt(self) -> None:
+        """Drop queued audio and frames at once (an agent cutting its own speech)."""
+        self._generation += 1
+        self.frames.clear()
+        self.audio.clear_from(self.voice.next_sample)
+        self._interrupt = True
+
+    def snapshot(self) -> dict[str, Any]:
+        lat = self.stats.latency_ms
+        off = self.stats.av_offset_ms
+        v = self.video.stats
+        return {
+            "session": self.id,
+            "avatar": self.assets.name,
+            "uptime_s": round(self.clock.now(), 3),
+            "delay_ms": round(self.delay * 1000, 1),
+            "frames_sent": v.sent,
+            "frames_rendered": self.stats.frames_rendered,
+            "frames_repeated": v.repeated,
+            "frames_skipped": v.skipped,
+            "frames_dropped": self.stats.frames_dropped,
+            "audio_frames_in": self.stats.audio_frames,
+            "audio_gap_ms": round(self.audio.gap_samples / RATE * 1000, 1),
+            "latency_ms_p50": _round(_percentile(lat, 50)),
+            "latency_ms_p95": _round(_percentile(lat, 95)),
+            "av_offset_ms": _round(_percentile(off, 50)),
+            "av_offset_ms_max": _round(max((abs(x) for x in off), default=None)),
+            "paused": self.paused,
+            "pose": self.pose.mode,
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
