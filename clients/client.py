@@ -84,6 +84,7 @@ class ClientResult:
     send_start: float | None = None
     session: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    replies: list[dict] = field(default_factory=list)            # every control-channel reply
     size: tuple[int, int] = (0, 0)
     received_audio: list[np.ndarray] = field(default_factory=list, repr=False)
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -152,8 +153,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     With ``record_window`` (default) only what the server sends for the sent audio is kept: video and
     voice arriving from ``delay`` after the first sample was sent until ``delay`` after the last, where
     ``delay`` is the server's output delay (from the answer), so the recording has one frame per 40 ms
-    of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists ``(seconds after start, message)``
-    pairs sent on the ``control`` data channel (e.g. ``{"type": "emotion", "name": "happy"}``).
+    of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists
+    ``(seconds after start, message)`` pairs sent on the ``control`` data channel (e.g. ``{"type": "emotion", "name": "happy"}``).
     """
     import aiohttp
     from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -266,6 +267,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
             await asyncio.sleep(0.2)
         stats = next((r for r in reversed(replies) if r.get("type") == "stats"), {})
         result.stats = stats.get("stats", {})
+        result.replies = list(replies)
         result.send_start = sender_track.t_start
         ok = True
         return result

@@ -270,11 +270,16 @@ class AvatarServer:
         try:
             if isinstance(message, bytes):
                 message = message.decode("utf-8")
-            return session.control(json.loads(message))
+            msg = json.loads(message)
         except (ValueError, UnicodeDecodeError):
             return {"type": "error", "error": "control messages must be JSON objects"}
+        try:
+            return session.control(msg)
         except EDTalkError as e:
             return {"type": "error", "error": str(e)}
+        except Exception:  # noqa: BLE001 - a bad message must never take the session down
+            logger.exception("session %s: control message %r failed", session.id[:8], msg)
+            return {"type": "error", "error": "internal error handling the control message"}
 
     async def _watch(self, sid: str) -> None:
         """Reclaim a session whose peer vanished: not connected in time, or no audio for a while."""

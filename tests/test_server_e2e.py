@@ -1,0 +1,290 @@
+"""The real server on loopback with the fixture weights, driven by the Python WebRTC client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+import torch
+from aiohttp import web
+
+from clients.client import run_client
+from realtime.serve import build_server
+from realtime.server import ServerSettings
+from realtime.session import Session, SessionOptions
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A server started on a free port inside the test's event loop."""
+
+    def __init__(self, weights: Path, avatar: Path, **settings):
+        self.port = _free_port()
+        self.server = build_server(weights, avatar, settings=ServerSettings(port=self.port, **settings))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self):
+        self.runner = web.AppRunner(self.server.app())
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+    async def get(self, path: str):
+        async with aiohttp.ClientSession() as http, http.get(self.url + path) as r:
+            return r.status, (await r.json() if r.content_type == "application/json" else await r.text())
+
+    async def post(self, path: str, data: bytes | str, content_type="application/json"):
+        async with aiohttp.ClientSession() as http, http.post(
+                self.url + path, data=data, headers={"Content-Type": content_type}) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def _mutated_offer() -> str:
+    """A real offer with its ICE credentials removed (aiortc raises inside setRemoteDescription)."""
+    import re
+
+    from aiortc import RTCPeerConnection
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return re.sub(r"a=ice-(ufrag|pwd):.*\r\n", "", sdp)
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+
+
+def _session_tasks() -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("session-")]
+
+
+def _probe(path: Path) -> dict:
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames = [f for f in c.decode(v)]
+        pts = [f.pts for f in frames]
+        info = {"frames": len(frames), "audio": bool(c.streams.audio), "time_base": v.time_base, "pts": pts,
+                "size": (frames[0].width, frames[0].height)}
+    return info
+
+
+def test_session_streams_video_and_voice(tmp_path, edtalk_weights, face_image, speech):
+    """3 s of speech: 25 fps, one frame per 40 ms of audio, no gaps, voice present, clean up afterwards."""
+    seconds = 3.0
+    out = tmp_path / "recorded.mp4"
+
+    async def main():
+        async with Running(edtalk_weights, face_image) as srv:
+            result = await run_client(srv.url, speech[: int(seconds * 16000)], out, {"emotion": "happy"})
+            await _until(lambda: not srv.server.peers)
+            status, health = await srv.get("/health")
+            _, metrics = await srv.get("/metrics")
+            leftover = _session_tasks()
+            return result, health, metrics, leftover, len(srv.server.peers)
+
+    result, health, metrics, leftover, peers = asyncio.run(main())
+    expected = int(seconds * 25)
+    assert abs(result.video_frames - expected) <= 3, result.video_frames
+    steps = np.diff(result.video_pts)
+    assert (steps == 3600).all(), f"gaps or repeats in the 90 kHz timestamps: {np.unique(steps)}"
+    assert result.size == (64, 64)
+    assert result.audio_samples / result.audio_rate == pytest.approx(seconds, abs=0.15)
+    info = _probe(out)
+    assert info["audio"], "no audio track in the recording"
+    assert abs(info["frames"] - expected) <= 3
+    duration = (info["pts"][-1] - info["pts"][0]) * info["time_base"] + 1 / 25
+    assert abs(info["frames"] / float(duration) - 25) <= 1
+    s = result.stats
+    assert s["frames_repeated"] <= 3 and s["frames_dropped"] <= 3, s
+    assert s["latency_ms_p95"] is not None and abs(s["av_offset_ms"]) < 40, s
+    # the peer hung up: nothing left behind
+    assert peers == 0 and health["sessions"] == 0 and leftover == []
+    assert "edtalk_frames_sent_total" in metrics and 'edtalk_latency_seconds_bucket{le="+Inf"}' in metrics
+    assert "edtalk_render_batch_size_bucket" in metrics
+
+
+def test_bad_requests_get_clear_errors_and_server_keeps_serving(edtalk_weights, face_image, speech):
+    async def main():
+        async with Running(edtalk_weights, face_image) as srv:
+            out = {}
+            out["not_json"] = await srv.post("/offer", "this is not json")
+            out["no_sdp"] = await srv.post("/offer", json.dumps({"type": "offer"}))
+            out["no_media"] = await srv.post("/offer", json.dumps({"type": "offer", "sdp": "v=0\r\nbogus\r\n"}))
+            out["bad_sdp"] = await srv.post("/offer", json.dumps({"type": "offer", "sdp": await _mutated_offer()}))
+            out["big"] = await srv.post("/offer", json.dumps({"type": "offer", "sdp": "x" * 70_000}))
+            bad_emotion = run_client(srv.url, speech[:8000], None, {"emotion": "ecstatic"})
+            try:
+                await bad_emotion
+                out["emotion"] = None
+            except Exception as e:  # noqa: BLE001
+                out["emotion"] = str(e)
+            # a control channel fed garbage answers with errors and the session keeps going
+            result = await run_client(
+                srv.url, speech[: 2 * 16000], None,
+                control=[(0.2, {"type": "dance"}), (0.3, {"type": "emotion", "name": "ecstatic"}),
+                         (0.4, {"type": "emotion", "name": "sad"}), (0.5, {"type": "pose", "mode": "still"})])
+            out["result"] = result
+            await _until(lambda: not srv.server.peers)
+            out["peers"] = len(srv.server.peers)
+            return out
+
+    out = asyncio.run(main())
+    for key in ("not_json", "no_sdp", "no_media", "bad_sdp"):
+        status, body = out[key]
+        assert status == 400 and body["error"], (key, status, body)
+    assert "bad SDP" in out["bad_sdp"][1]["error"]
+    assert out["big"][0] == 413
+    assert out["emotion"] is not None and "unknown emotion 'ecstatic'" in out["emotion"]
+    assert abs(out["result"].video_frames - 50) <= 3       # the garbage-sending session still got its frames
+    assert out["peers"] == 0
+
+
+def test_control_channel_replies(edtalk_weights, face_image, speech):
+    async def main():
+        async with Running(edtalk_weights, face_image) as srv:
+            return await run_client(srv.url, speech[: 2 * 16000], None, control=[
+                (0.1, {"type": "dance"}), (0.2, {"type": "emotion", "name": "sad"}),
+                (0.3, {"type": "intensity", "value": 5}), (0.4, {"type": "interrupt"}),
+                (0.5, {"type": "pause"}), (0.6, {"type": "resume"}), (0.7, {"type": "pose", "mode": "clip"})])
+
+    result = asyncio.run(main())
+    kinds = [(r["type"], r.get("for"), r.get("error", "")) for r in result.replies]
+    assert ("error", None, "unknown control message type 'dance'; known: emotion, intensity, pose, pause, "
+            "resume, interrupt, stats") in kinds
+    assert ("ok", "emotion", "") in kinds
+    assert any(t == "error" and "intensity must be between 0 and 2" in e for t, _, e in kinds)
+    assert any(t == "error" and "needs a pose clip" in e for t, _, e in kinds)
+    assert ("ok", "interrupt", "") in kinds and ("ok", "pause", "") in kinds and ("ok", "resume", "") in kinds
+    stats = [r for r in result.replies if r["type"] == "stats"]
+    assert stats and stats[-1]["stats"]["frames_sent"] > 0
+
+
+def test_session_limit_answers_503(edtalk_weights, face_image, speech):
+    async def main():
+        async with Running(edtalk_weights, face_image, max_sessions=1) as srv:
+            first = asyncio.create_task(run_client(srv.url, speech[: 2 * 16000], None))
+            while not srv.server.peers:
+                await asyncio.sleep(0.02)
+            second = None
+            try:
+                await run_client(srv.url, speech[:8000], None)
+            except Exception as e:  # noqa: BLE001
+                second = str(e)
+            await first
+            third = await run_client(srv.url, speech[:8000], None)     # a slot is free again
+            return second, third
+
+    second, third = asyncio.run(main())
+    assert second is not None and "503" in second and "server full" in second
+    assert third.video_frames > 0
+
+
+def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech):
+    """The session pipeline (lip sync in sliding windows, scheduler) gives the offline renderer's frames."""
+    import edtalk
+    from clients import media
+    from edtalk.weights import find_weights, load_preset
+    from engines import create_renderer
+    from realtime.scheduler import FrameScheduler
+    from realtime.server import prepare_avatar
+
+    frames_n = 40
+    wav = speech[: frames_n * 640]
+    w = find_weights(edtalk_weights)
+    model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
+    renderer = create_renderer("torch", model=model, device="cpu")
+    image = media.load_image(face_image, model.config.size)
+    assets = prepare_avatar(renderer, "face", image)
+    happy = load_preset(w.presets["happy"])
+
+    # offline: exactly what `edtalk-live render --still --emotion happy` computes for the file followed by
+    # a second of silence (a live stream does not end: silence follows when the speech stops)
+    padded = np.concatenate([wav, np.zeros(16000, np.float32)])
+    total = edtalk.audio.num_frames(len(padded))
+    mel = edtalk.audio.mel_windows(edtalk.audio.melspectrogram(padded), total)
+    lip = edtalk.audio.smooth(renderer.audio_to_lip(mel))[:frames_n]
+    avatar = renderer.prepare_expression(renderer.prepare_source(image), happy)
+    offline = renderer.render(avatar, lip, assets.rest_pose.expand(frames_n, -1))
+
+    async def stream():
+        scheduler = FrameScheduler(renderer, max_batch=8)
+        await scheduler.start()
+        options = SessionOptions(avatar="face", emotion="happy", pose="still")
+        session = Session("0" * 32, renderer, scheduler, assets, options, {"happy": happy}, silence_db=None,
+                          render_budget=5.0)
+        session.start()
+        session.push_samples(wav, pos=0)
+        for _ in range(400):
+            await asyncio.sleep(0.02)
+            if all(i in session.frames for i in range(frames_n)):
+                break
+        got = {i: session.frames[i] for i in range(frames_n) if i in session.frames}
+        await session.close()
+        await scheduler.stop()
+        return got
+
+    got = asyncio.run(stream())
+    assert sorted(got) == list(range(frames_n))
+    for i, image_i in got.items():
+        diff = np.abs(image_i.astype(int) - offline[i].astype(int)).max()
+        assert diff <= 1, f"frame {i} differs by {diff} levels"
+
+
+def test_silence_gives_resting_mouth(edtalk_weights, face_image):
+    """No audio at all: frames are rendered from silence with the rest mouth, steadily at 25 fps."""
+    import edtalk
+    from clients import media
+    from edtalk.weights import find_weights
+    from engines import create_renderer
+    from realtime.scheduler import FrameScheduler
+    from realtime.server import prepare_avatar
+
+    w = find_weights(edtalk_weights)
+    model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
+    renderer = create_renderer("torch", model=model, device="cpu")
+    assets = prepare_avatar(renderer, "face", media.load_image(face_image, model.config.size))
+    seen: list[torch.Tensor] = []
+
+    async def run():
+        scheduler = FrameScheduler(renderer)
+        await scheduler.start()
+        session = Session("1" * 32, renderer, scheduler, assets, SessionOptions(avatar="face", pose="still"), {})
+        original = scheduler.render
+
+        async def spy(avatar, lip, pose, **kw):
+            seen.append(torch.as_tensor(lip).clone())
+            return await original(avatar, lip, pose, **kw)
+
+        scheduler.render = spy
+        session.start()
+        await asyncio.sleep(1.0)
+        await session.close()
+        await scheduler.stop()
+
+    asyncio.run(run())
+    assert len(seen) >= 15
+    for lip in seen:
+        torch.testing.assert_close(lip, assets.rest_lip, atol=1e-6, rtol=0)
