@@ -154,7 +154,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     voice arriving from ``delay`` after the first sample was sent until ``delay`` after the last, where
     ``delay`` is the server's output delay (from the answer), so the recording has one frame per 40 ms
     of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists
-    ``(seconds after start, message)`` pairs sent on the ``control`` data channel (e.g. ``{"type": "emotion", "name": "happy"}``).
+    ``(seconds after start, message)`` pairs sent on the ``control`` data channel, e.g.
+    ``{"type": "emotion", "name": "happy"}``; every reply is kept in ``ClientResult.replies``.
     """
     import aiohttp
     from aiortc import RTCPeerConnection, RTCSessionDescription
