@@ -89,6 +89,11 @@ class AudioInput:
     def anchored(self) -> bool:
         return self._anchor is not None
 
+    @property
+    def anchor_pos(self) -> int | None:
+        """Session sample position of the first received sample (None before any audio)."""
+        return None if self._anchor is None else self._anchor[0]
+
     def push(self, frame: av.AudioFrame, arrival_pos: int) -> None:
         """Add one received frame; ``arrival_pos`` is ``session.now() * 16000`` at its arrival."""
         if self._resampler is None:

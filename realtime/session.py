@@ -62,8 +62,9 @@ class SessionOptions:
     intensity: float = 1.0
     pose: str = "idle"
     low_latency: bool = False
+    probe: bool = False          # paint each frame's index into its top rows (latency measurements)
 
-    FIELDS = ("avatar", "emotion", "intensity", "pose", "low_latency")
+    FIELDS = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe")
 
     @classmethod
     def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool
@@ -85,7 +86,7 @@ class SessionOptions:
         if pose == "clip" and not has_clip:
             raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
         return cls(avatar=avatar, emotion=emotion, intensity=intensity, pose=pose,
-                   low_latency=bool(data.get("low_latency", False)))
+                   low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)))
 
 
 def _number(value: Any, name: str, lo: float, hi: float) -> float:
@@ -179,7 +180,10 @@ class Session:
         self._last_audio = 0.0
         self._spawn(self._produce(), "producer")
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
+    def _spawn(self, coro, name: str) -> asyncio.Task | None:
+        if self.closed:                    # never start work for a closed session
+            coro.close()
+            return None
         task = asyncio.create_task(coro, name=f"session-{self.id[:8]}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -203,7 +207,7 @@ class Session:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.frames.clear()
 
-    def consume(self, track) -> asyncio.Task:
+    def consume(self, track) -> asyncio.Task | None:
         """Read the peer's audio track until it ends (frames placed by their timestamps)."""
         return self._spawn(self._consume(track), "audio-in")
 
@@ -297,6 +301,8 @@ class Session:
         for k in [k for k in self.frames if k < index]:
             del self.frames[k]
             self.stats.frames_dropped += 1
+        if self.options.probe:
+            image = paint_index(image if image is not None else self.assets.idle_frame, index)
         return image
 
     def _sent(self, index: int) -> None:
@@ -382,9 +388,38 @@ class Session:
             "latency_ms_p95": _round(_percentile(lat, 95)),
             "av_offset_ms": _round(_percentile(off, 50)),
             "av_offset_ms_max": _round(max((abs(x) for x in off), default=None)),
+            "audio_anchor": self.audio.anchor_pos,
             "paused": self.paused,
             "pose": self.pose.mode,
         }
+
+
+PROBE_BITS = 16
+
+
+def paint_index(image: np.ndarray, index: int) -> np.ndarray:
+    """A copy of ``image [S,S,3]`` with ``index`` (16 bits) as black/white blocks in its top quarter.
+
+    Two rows of eight square blocks (S/8 wide), most significant bit first: large enough to survive
+    VP8/H.264 compression, so a client can tell exactly which frame it received (see :func:`read_index`).
+    """
+    out = image.copy()
+    s = image.shape[0] // 8
+    for bit in range(PROBE_BITS):
+        r, c = divmod(bit, 8)
+        out[r * s:(r + 1) * s, c * s:(c + 1) * s] = 255 if (index >> (PROBE_BITS - 1 - bit)) & 1 else 0
+    return out
+
+
+def read_index(image: np.ndarray) -> int:
+    """Read back the index painted by :func:`paint_index` (threshold at mid grey, centre of each block)."""
+    s = image.shape[0] // 8
+    value = 0
+    for bit in range(PROBE_BITS):
+        r, c = divmod(bit, 8)
+        block = image[r * s + s // 4:(r + 1) * s - s // 4, c * s + s // 4:(c + 1) * s - s // 4]
+        value = (value << 1) | int(block.mean() > 127)
+    return value
 
 
 def _round(x: float | None) -> float | None:

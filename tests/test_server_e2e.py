@@ -102,6 +102,7 @@ def test_session_streams_video_and_voice(tmp_path, edtalk_weights, face_image, s
             await _until(lambda: not srv.server.peers)
             status, health = await srv.get("/health")
             _, metrics = await srv.get("/metrics")
+            await _until(lambda: not _session_tasks(), 3)
             leftover = _session_tasks()
             return result, health, metrics, leftover, len(srv.server.peers)
 
@@ -288,3 +289,42 @@ def test_silence_gives_resting_mouth(edtalk_weights, face_image):
     assert len(seen) >= 15
     for lip in seen:
         torch.testing.assert_close(lip, assets.rest_lip, atol=1e-6, rtol=0)
+
+
+def test_silent_peer_is_reclaimed(edtalk_weights, face_image, speech):
+    """A peer that stops sending audio but never hangs up is closed by the inactivity timer."""
+
+    async def main():
+        async with Running(edtalk_weights, face_image, inactivity_timeout=1.0) as srv:
+            client = asyncio.create_task(run_client(srv.url, speech[:8000], None, tail=4.0))
+            await _until(lambda: srv.server.peers, 10)
+            await _until(lambda: not srv.server.peers, 6)
+            reclaimed = not srv.server.peers and not client.done()
+            await _until(lambda: not _session_tasks(), 3)
+            leftover = _session_tasks()
+            await client
+            return reclaimed, leftover
+
+    reclaimed, leftover = asyncio.run(main())
+    assert reclaimed, "the session was not reclaimed while the peer stayed silent"
+    assert leftover == []
+
+
+def test_udp_port_range(edtalk_weights, face_image, speech):
+    async def main():
+        async with Running(edtalk_weights, face_image, udp_ports=(42100, 42120)) as srv:
+            seen = []
+            original = srv.server._connect
+
+            async def spy(sdp, options):
+                answer = await original(sdp, options)
+                seen.append(answer["sdp"])
+                return answer
+
+            srv.server._connect = spy
+            await run_client(srv.url, speech[:8000], None)
+            return seen
+
+    (sdp,) = asyncio.run(main())
+    ports = [int(line.split()[5]) for line in sdp.splitlines() if line.startswith("a=candidate:") and "typ host" in line]
+    assert ports and all(42100 <= p <= 42120 for p in ports), ports
