@@ -326,5 +326,6 @@ def test_udp_port_range(edtalk_weights, face_image, speech):
             return seen
 
     (sdp,) = asyncio.run(main())
-    ports = [int(line.split()[5]) for line in sdp.splitlines() if line.startswith("a=candidate:") and "typ host" in line]
+    lines = [line for line in sdp.splitlines() if line.startswith("a=candidate:") and "typ host" in line]
+    ports = [int(line.split()[5]) for line in lines]
     assert ports and all(42100 <= p <= 42120 for p in ports), ports
