@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a talking avatar over WebRTC: POST /offer, a browser page at /, /health, /metrics.",
     )
     serve.add_argument("--weights", required=True, metavar="DIR", help="folder with the official weights")
-    serve.add_argument("--avatar", metavar="IMAGE", help="the avatar: a face filling a square crop")
+    serve_avatar = serve.add_mutually_exclusive_group()
+    serve_avatar.add_argument("--avatar", metavar="IMAGE", help="the avatar: a photo with a face (default: the "
+                              "portrait shipped with the package)")
+    serve_avatar.add_argument("--avatars", metavar="DIR", help="a folder of avatar images; sessions pick one by name")
+    serve.add_argument("--no-align", action="store_true", help="take avatar images as given (already aligned crops)")
     serve.add_argument("--pose-video", metavar="CLIP", help="driving clip for the 'clip' pose mode")
     serve.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     serve.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

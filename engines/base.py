@@ -60,6 +60,10 @@ class Avatar:
     cache: dict = field(default_factory=dict, repr=False)   # backend-private derived tensors
 
 
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
 def to_uint8_torch(raw: torch.Tensor) -> torch.Tensor:
     """Raw frames ``[B,3,S,S]`` (about [-1,1]) -> ``uint8 [B,S,S,3]`` on the same device (clamp, no min/max)."""
     x = (raw.float().clamp(-1, 1) + 1) * 127.5
@@ -166,6 +170,32 @@ class Renderer(abc.ABC):
         if mel.shape[0] == 0:
             return torch.zeros(0, self.config.lip_dim)
         return torch.cat([self._audio_to_lip(mel[i: i + batch_size]) for i in range(0, mel.shape[0], batch_size)])
+
+    # ------------------------------------------------------------ persistence of prepared sources
+    def export_source(self, source: PreparedSource) -> dict[str, np.ndarray]:
+        """A prepared source as float32 host arrays ``{"wa": [1,D], "feat0": ..., ...}`` (to cache on disk)."""
+        if source.backend != self.name:
+            raise InputError(f"source was prepared by backend '{source.backend}', not '{self.name}'")
+        arrays = {"wa": source.wa, **{f"feat{k}": f for k, f in enumerate(source.feats)}}
+        return {k: np.ascontiguousarray(_to_numpy(v), dtype=np.float32) for k, v in arrays.items()}
+
+    def import_source(self, arrays: dict[str, np.ndarray]) -> PreparedSource:
+        """Inverse of :meth:`export_source`: host arrays -> a source of this backend (shapes checked)."""
+        n = len([k for k in arrays if k.startswith("feat")])
+        s = self.config.size
+        want = [(self.config.channels[2**i], 2**i, 2**i) for i in range(3, self.config.log_size + 1)]
+        if "wa" not in arrays or n != len(want) or tuple(arrays["wa"].shape) != (1, self.config.style_dim):
+            raise InputError(f"cached source does not fit this {s}px model")
+        for k, shape in enumerate(want):
+            if tuple(arrays[f"feat{k}"].shape) != (1, *shape):
+                raise InputError(f"cached source feature {k} has shape {list(arrays[f'feat{k}'].shape)}, "
+                                 f"expected {[1, *shape]}")
+        wa = self._from_numpy(arrays["wa"])
+        return PreparedSource(wa, tuple(self._from_numpy(arrays[f"feat{k}"]) for k in range(n)), self.name)
+
+    def _from_numpy(self, array: np.ndarray) -> Any:
+        """Host array -> the backend's native tensor type (numpy for ONNX Runtime; overridden elsewhere)."""
+        return np.ascontiguousarray(array, dtype=np.float32)
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release device memory and sessions."""

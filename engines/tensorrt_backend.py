@@ -215,6 +215,9 @@ class TensorRTRenderer(Renderer):
         names = self._names(stage, "outputs")
         return [chunks[0][n] if len(chunks) == 1 else torch.cat([c[n] for c in chunks]) for n in names]
 
+    def _from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
     # ------------------------------------------------------------------ hooks
     def _prepare_source(self, image: torch.Tensor) -> PreparedSource:
         with self._on_stream(), torch.no_grad():

@@ -85,6 +85,9 @@ class TorchRenderer(Renderer):
         f = f.to(self.dtype)
         return f.contiguous(memory_format=torch.channels_last) if self.channels_last else f
 
+    def _from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
     # ------------------------------------------------------------ rare stages (fp32)
     @torch.no_grad()
     def _prepare_source(self, image: torch.Tensor) -> PreparedSource:

@@ -12,7 +12,8 @@ import engines
 from edtalk.errors import InputError
 from edtalk.weights import find_weights, load_preset
 
-from .server import AvatarServer, ServerSettings, prepare_avatar
+from .avatars import AvatarStore
+from .server import AvatarServer, ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -30,25 +31,57 @@ def _read_pose_clip(renderer: engines.Renderer, path: str | Path) -> torch.Tenso
     return renderer.read_motion(images).pose
 
 
-def build_server(weights_dir: str | Path, avatar: str | Path | None, backend: str = "torch",
-                 device: str | None = None, pose_video: str | Path | None = None,
-                 settings: ServerSettings | None = None) -> AvatarServer:
-    """Everything heavy happens here, before the first connection: model, engines, avatar encoding."""
-    from clients import media
+def _aligner(enabled: bool):
+    """The face aligner used for avatars (``None`` = take images as given)."""
+    if not enabled:
+        return None
+    from edtalk.align import align_image
 
-    if avatar is None:
-        raise InputError("--avatar is required: a face image filling a square crop")
+    def align(rgb, size):
+        a = align_image(rgb, size=size)
+        return a.crop, (None if a.already_aligned else a.matrix)
+
+    return align
+
+
+def build_server(weights_dir: str | Path | None, avatar: str | Path | None = None, backend: str = "torch",
+                 device: str | None = None, pose_video: str | Path | None = None,
+                 settings: ServerSettings | None = None, avatars_dir: str | Path | None = None,
+                 align: bool = True, cache: bool = True) -> AvatarServer:
+    """Everything heavy happens here, before the first connection: model, engines, avatar preparation.
+
+    ``avatar`` is one image, ``avatars_dir`` a folder of images (each prepared once, cached on disk
+    by image and weights hash, a bad image skipped with a warning); with neither, the default avatar
+    shipped with the package is used.
+    """
     weights = find_weights(weights_dir)
     weights.require_audio2lip()
     model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip)
-    image = media.load_image(avatar, model.config.size)
     renderer = engines.create_renderer(backend, model=model, device=device)
     logger.info("backend: %s", renderer.describe())
     clip = _read_pose_clip(renderer, pose_video) if pose_video else None
-    name = Path(avatar).stem
-    assets = {name: prepare_avatar(renderer, name, image, clip_poses=clip)}
+    store = AvatarStore(renderer, model.weights_id, engines.cache_dir() if cache else None,
+                        aligner=_aligner(align), clip_poses=clip)
+    if avatars_dir is not None:
+        prepared, failed = store.prepare_dir(avatars_dir)
+        for file, why in failed.items():
+            logger.warning("avatar %s skipped: %s", file, why)
+        if not prepared:
+            raise InputError(f"{avatars_dir}: none of the images could be used as an avatar")
+    else:
+        path = Path(avatar) if avatar is not None else default_avatar()
+        prepared = {path.stem: store.prepare(path)}
     presets = {n: load_preset(p) for n, p in sorted(weights.presets.items())} if model.has_expression else {}
-    return AvatarServer(renderer, assets, presets, settings or ServerSettings())
+    return AvatarServer(renderer, {n: p.assets for n, p in prepared.items()}, presets, settings or ServerSettings())
+
+
+def default_avatar() -> Path:
+    """The portrait shipped with the package (used when no avatar is given)."""
+    try:
+        from edtalk.assets import DEFAULT_AVATAR
+    except ImportError:
+        raise InputError("no avatar given (--avatar IMAGE or --avatars DIR)") from None
+    return DEFAULT_AVATAR
 
 
 def serve(args) -> int:
@@ -73,7 +106,8 @@ def serve(args) -> int:
                               udp_ports=ports, inactivity_timeout=args.inactivity_timeout,
                               render_budget=args.render_budget, max_batch=args.max_batch)
     server = build_server(args.weights, args.avatar, backend=args.backend, device=args.device,
-                          pose_video=args.pose_video, settings=settings)
+                          pose_video=args.pose_video, settings=settings, avatars_dir=args.avatars,
+                          align=not args.no_align)
     print(f"serving on http://{args.host}:{args.port}/ (open it in a browser; Ctrl-C stops)", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
     return 0

@@ -24,6 +24,7 @@ from aiohttp import web
 from edtalk.errors import EDTalkError, InputError
 from engines.base import Renderer
 
+from .avatars import prepare_avatar  # noqa: F401 - re-exported for callers of the server module
 from .scheduler import FrameScheduler
 from .session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
 
@@ -61,18 +62,6 @@ class ServerSettings:
             lo, hi = self.udp_ports
             if not (1024 <= lo <= hi <= 65535):
                 raise InputError(f"UDP port range must be within 1024-65535, got {lo}-{hi}")
-
-
-def prepare_avatar(renderer: Renderer, name: str, image: torch.Tensor,
-                   clip_poses: torch.Tensor | None = None) -> AvatarAssets:
-    """Encode an identity image ``[1,3,S,S]`` once and read its own pose, expression and mouth."""
-    source = renderer.prepare_source(image)
-    own = renderer.read_motion(image)
-    rest_exp = own.exp[:1] if own.exp is not None else None
-    avatar = renderer.prepare_expression(source, rest_exp)
-    idle = renderer.render(avatar, own.lip[:1], own.pose[:1])[0]
-    return AvatarAssets(name=name, source=source, rest_pose=own.pose[0], rest_exp=rest_exp, rest_lip=own.lip[0],
-                        idle_frame=idle, clip_poses=clip_poses)
 
 
 def restrict_udp_ports(loop: asyncio.AbstractEventLoop, lo: int, hi: int) -> None:

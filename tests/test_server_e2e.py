@@ -33,7 +33,7 @@ class Running:
 
     def __init__(self, weights: Path, avatar: Path, **settings):
         self.port = _free_port()
-        self.server = build_server(weights, avatar, settings=ServerSettings(port=self.port, **settings))
+        self.server = build_server(weights, avatar, settings=ServerSettings(port=self.port, **settings), align=False)
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self):
@@ -210,7 +210,7 @@ def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech
     from edtalk.weights import find_weights, load_preset
     from engines import create_renderer
     from realtime.scheduler import FrameScheduler
-    from realtime.server import prepare_avatar
+    from realtime.avatars import prepare_avatar
 
     frames_n = 40
     wav = speech[: frames_n * 640]
@@ -261,7 +261,7 @@ def test_silence_gives_resting_mouth(edtalk_weights, face_image):
     from edtalk.weights import find_weights
     from engines import create_renderer
     from realtime.scheduler import FrameScheduler
-    from realtime.server import prepare_avatar
+    from realtime.avatars import prepare_avatar
 
     w = find_weights(edtalk_weights)
     model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
