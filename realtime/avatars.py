@@ -142,7 +142,7 @@ class AvatarStore:
         return prepared
 
     def _prepare_crop(self, name: str, crop: np.ndarray, matrix: np.ndarray | None) -> Prepared:
-        image = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        image = torch.from_numpy(np.array(crop, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         assets = prepare_avatar(self.renderer, name, image, clip_poses=self.clip_poses)
         logger.info("avatar %s: prepared", name)
         return Prepared(assets, crop, None, matrix)
