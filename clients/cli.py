@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
+WEIGHTS_HELP = ("folder with EDTalk.pt or EDTalk_lip_pose.pt, Audio2Lip.pt, predefined_exp_weights/ (default: "
+                "$EDTALK_LIVE_WEIGHTS, else ~/.cache/edtalk-live/weights; see `edtalk-live weights download`)")
 EXIT_INTERRUPTED = 130
 
 
@@ -42,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument(
         "--weights",
-        required=True,
+        default=None,
         metavar="DIR",
-        help="folder with EDTalk.pt or EDTalk_lip_pose.pt, Audio2Lip.pt, predefined_exp_weights/",
+        help=WEIGHTS_HELP,
     )
     render.add_argument("--image", required=True, help="face image, the face filling a square crop")
     render.add_argument("--audio", required=True, help="speech: any audio or video file with sound")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to ONNX (dynamic batch), check them (onnx.checker, TensorRT operator set) and verify them against "
         "PyTorch with ONNX Runtime.",
     )
-    export.add_argument("--weights", required=True, metavar="DIR", help="folder with the official weights")
+    export.add_argument("--weights", metavar="DIR", help=WEIGHTS_HELP)
     export.add_argument("--out", required=True, metavar="DIR", help="folder for the .onnx files and manifest.json")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
     export.add_argument("--no-simplify", action="store_true", help="skip graph simplification (onnxslim)")
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the WebRTC avatar server",
         description="Serve a talking avatar over WebRTC: POST /offer, a browser page at /, /health, /metrics.",
     )
-    serve.add_argument("--weights", required=True, metavar="DIR", help="folder with the official weights")
+    serve.add_argument("--weights", metavar="DIR", help=WEIGHTS_HELP)
     serve_avatar = serve.add_mutually_exclusive_group()
     serve_avatar.add_argument("--avatar", metavar="IMAGE", help="the avatar: a photo with a face (default: the "
                               "portrait shipped with the package)")
@@ -135,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--emotion", help="emotion preset name")
     client.add_argument("--pose", choices=["still", "clip", "idle"], help="pose mode")
     client.set_defaults(run=_run_client)
+
+    weights = commands.add_parser(
+        "weights",
+        help="download or list the official EDTalk weights",
+        description="download: fetch the official checkpoints and emotion presets from the Hugging Face Hub "
+        "(tanhshuai0219/EDTalk), validate them and place them in the weights folder. list: show what a "
+        "weights folder holds.",
+    )
+    weights.add_argument("action", choices=["download", "list"])
+    weights.add_argument("--dir", metavar="DIR", default=None,
+                         help="weights folder (default: $EDTALK_LIVE_WEIGHTS, else ~/.cache/edtalk-live/weights)")
+    weights.add_argument("--revision", default=None, help="branch, tag or commit of tanhshuai0219/EDTalk (main)")
+    weights.add_argument("--source", default=None, help=argparse.SUPPRESS)  # a local folder laid out like the Hub
+    weights.set_defaults(run=_run_weights)
 
     bench = commands.add_parser(
         "bench",
@@ -184,6 +200,12 @@ def _run_build(args: argparse.Namespace) -> int:
     for stage, path in engines.items():
         print(f"  {stage:<12} {path}")
     return 0
+
+
+def _run_weights(args: argparse.Namespace) -> int:
+    from edtalk.hub import main_weights
+
+    return main_weights(args)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -246,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose == 0:   # the Hub client logs every retry; our own one-line error says what matters
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except EDTalkError as exc:

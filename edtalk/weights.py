@@ -9,7 +9,8 @@ The official release (Hugging Face Hub ``tanhshuai0219/EDTalk``, or the referenc
     predefined_exp_weights/*.npy   emotion presets, [1,10] expression coefficients each
 
 :func:`find_weights` accepts the folder itself or a folder with a ``ckpts/`` subfolder (a checkout
-of the reference layout), and prefers ``EDTalk.pt`` when both generators are present.
+of the reference layout), and prefers ``EDTalk.pt`` when both generators are present. Without a
+folder it looks in :func:`default_weights_dir`, where ``edtalk-live weights download`` puts them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ __all__ = [
     "EDTALK_FILE",
     "LIP_POSE_FILE",
     "PRESET_DIR",
+    "WEIGHTS_ENV",
     "WeightFiles",
+    "default_weights_dir",
     "find_weights",
     "load_preset",
 ]
@@ -41,6 +44,7 @@ EDTALK_FILE = "EDTalk.pt"
 LIP_POSE_FILE = "EDTalk_lip_pose.pt"
 AUDIO2LIP_FILE = "Audio2Lip.pt"
 PRESET_DIR = "predefined_exp_weights"
+WEIGHTS_ENV = "EDTALK_LIVE_WEIGHTS"
 _SUBFOLDERS = ("", "ckpts")
 _EXPECTED = f"{EDTALK_FILE} or {LIP_POSE_FILE}, {AUDIO2LIP_FILE}, {PRESET_DIR}/*.npy"
 
@@ -88,13 +92,36 @@ def _first(root: Path, relative: str) -> Path | None:
     return None
 
 
-def find_weights(folder: str | os.PathLike[str]) -> WeightFiles:
+def default_weights_dir() -> Path:
+    """The default weights folder: ``$EDTALK_LIVE_WEIGHTS`` when set, else the per-user cache folder.
+
+    The cache folder is ``$XDG_CACHE_HOME/edtalk-live/weights`` (``~/.cache/edtalk-live/weights``
+    when ``XDG_CACHE_HOME`` is unset). The folder may not exist yet.
+    """
+    override = os.environ.get(WEIGHTS_ENV, "").strip()
+    if override:
+        return Path(override).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(cache).expanduser() if cache else Path.home() / ".cache") / "edtalk-live" / "weights"
+
+
+def find_weights(folder: str | os.PathLike[str] | None = None) -> WeightFiles:
     """Find the official weight files in ``folder`` (or its ``ckpts/`` subfolder).
+
+    ``folder=None`` looks in :func:`default_weights_dir`.
 
     Raises:
         CheckpointError: the folder does not exist, or holds neither generator checkpoint.
     """
-    root = Path(folder).expanduser()
+    if folder is None:
+        root = default_weights_dir()
+        if not (root.is_dir() and any(_first(root, name) for name in (EDTALK_FILE, LIP_POSE_FILE))):
+            raise CheckpointError(
+                f"no EDTalk weights in the default folder {root}: run `edtalk-live weights download`, "
+                f"or pass --weights DIR (or set {WEIGHTS_ENV}) to a folder with {_EXPECTED}"
+            )
+    else:
+        root = Path(folder).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"weights folder not found: {root} (expected {_EXPECTED})")
     edtalk_gen, lip_pose_gen = _first(root, EDTALK_FILE), _first(root, LIP_POSE_FILE)
