@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=WEIGHTS_HELP,
     )
-    render.add_argument("--image", required=True, help="face image, the face filling a square crop")
+    render.add_argument("--image", help="a photo with a face: detected and aligned to EDTalk's crop (default: the "
+                        "portrait shipped with the package)")
     render.add_argument("--audio", required=True, help="speech: any audio or video file with sound")
     render.add_argument("--out", required=True, help="output .mp4 (written atomically)")
     pose = render.add_mutually_exclusive_group()
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
         help="inference backend (torch); onnxruntime/tensorrt export the graphs into the cache on first use",
     )
+    render.add_argument("--no-align", action="store_true",
+                        help="take --image and the clips as given (already aligned crops), only resized")
+    render.add_argument("--face", type=int, default=0, metavar="N", help="use the N-th largest face (0)")
+    render.add_argument("--paste-back", action="store_true",
+                        help="write frames at the photo's size, the generated face blended back into the photo")
     render.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     render.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     render.set_defaults(run=_run_render)
@@ -138,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--pose", choices=["still", "clip", "idle"], help="pose mode")
     client.set_defaults(run=_run_client)
 
+    prepare = commands.add_parser(
+        "prepare",
+        help="align a photo (or crop a driving clip) the way the networks expect",
+        description="Detect the face in a photo and warp it onto EDTalk's crop template (writes the crop and a JSON "
+        "transform beside it), or crop a driving clip with one fixed box and resample it to 25 fps.",
+    )
+    what = prepare.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", help="a photo with one or more faces")
+    what.add_argument("--video", help="a driving clip (pose or expression)")
+    prepare.add_argument("--out", required=True, help="output image (.png/.jpg) or .mp4")
+    prepare.add_argument("--size", type=int, default=256, help="crop size in pixels (256)")
+    prepare.add_argument("--face", type=int, default=0, metavar="N", help="use the N-th largest face (0)")
+    prepare.set_defaults(run=_run_prepare)
+
     weights = commands.add_parser(
         "weights",
         help="download or list the official EDTalk weights",
@@ -202,6 +222,12 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_prepare(args: argparse.Namespace) -> int:
+    from edtalk.align import main_prepare
+
+    return main_prepare(args)
+
+
 def _run_weights(args: argparse.Namespace) -> int:
     from edtalk.hub import main_weights
 
@@ -242,6 +268,9 @@ def _run_render(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         backend=args.backend,
+        align=not args.no_align,
+        face=args.face,
+        paste_back=args.paste_back,
     )
     print(
         f"wrote {summary.out}: {summary.frames} frames, {summary.seconds:.2f} s at {summary.fps} fps "

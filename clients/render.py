@@ -75,6 +75,8 @@ class _Inputs:
 
     weights: WeightFiles
     image: Image.Image
+    photo: np.ndarray                      # uint8 [H,W,3] RGB of the identity image
+    alignment: object | None               # edtalk.align.Alignment at 256 (None with align=False)
     wav: np.ndarray
     frames: int
     device: torch.device
@@ -82,8 +84,8 @@ class _Inputs:
 
 
 def _validate(
-    weights_dir: str | os.PathLike[str],
-    image: str | os.PathLike[str],
+    weights_dir: str | os.PathLike[str] | None,
+    image: str | os.PathLike[str] | None,
     audio: str | os.PathLike[str],
     out: Path,
     pose_video: str | os.PathLike[str] | None,
@@ -93,6 +95,9 @@ def _validate(
     batch_size: int,
     device: str,
     backend: str = "torch",
+    align: bool = True,
+    face: int = 0,
+    paste_back: bool = False,
 ) -> _Inputs:
     """Check every input cheaply, in the order a user would fix them; raise a one-line error."""
     if pose_video is not None and still:
@@ -124,7 +129,24 @@ def _validate(
         raise InputError(f"{what} needs the expression model EDTalk.pt; {weights.gen} has no expression")
     preset = load_preset(weights.preset(emotion)) if emotion is not None else None
 
+    if paste_back and image is None:
+        raise InputError("--paste-back needs --image (the photo to paste the face back into)")
+    if image is None:
+        from edtalk.assets import DEFAULT_AVATAR
+
+        image = DEFAULT_AVATAR
     img = media.open_image(image)
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)          # phones store photos sideways with an EXIF rotation
+    photo = np.asarray(img.convert("RGB"))
+    alignment = None
+    if align:
+        from edtalk.align import align_image
+
+        alignment = align_image(photo, size=256, face=face, name=str(image))   # detection: fails fast
+    elif face:
+        raise InputError("--face needs alignment (drop --no-align)")
     wav = media.load_audio(audio, sample_rate=edtalk_audio.SAMPLE_RATE)
     frames = edtalk_audio.num_frames(len(wav))
     if frames == 0:
@@ -135,7 +157,22 @@ def _validate(
     for video in (pose_video, exp_video):
         if video is not None:
             media.probe_video(video)
-    return _Inputs(weights=weights, image=img, wav=wav, frames=frames, device=dev, preset=preset)
+    return _Inputs(weights=weights, image=img, photo=photo, alignment=alignment, wav=wav, frames=frames, device=dev,
+                   preset=preset)
+
+
+def _identity_crop(inputs: _Inputs, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The network input ``uint8 [S,S,3]`` and the 2x3 photo -> crop matrix."""
+    h, w = inputs.photo.shape[:2]
+    a = inputs.alignment
+    if a is None or a.already_aligned:
+        crop = np.asarray(inputs.image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
+        return crop, np.array([[size / w, 0, 0.5 * size / w - 0.5], [0, size / h, 0.5 * size / h - 0.5]])
+    from edtalk.align import warp_image
+
+    matrix = np.asarray(a.matrix, np.float64) * (size / a.size)     # the 256 alignment, scaled to the model size
+    matrix[:, 2] += 0.5 * (size / a.size) - 0.5                      # pixel centres stay pixel centres
+    return warp_image(inputs.photo, matrix, size), matrix
 
 
 @torch.inference_mode()
@@ -151,8 +188,13 @@ def _motion_from_video(
     path: str | os.PathLike[str],
     frames: int,
     batch_size: int,
+    align: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pose ``[T,6]`` and expression ``[T,10]`` (or None) of a driving clip, ping-pong extended to T."""
+    """Pose ``[T,6]`` and expression ``[T,10]`` (or None) of a driving clip, ping-pong extended to T.
+
+    With ``align`` the clip is cropped with one fixed square box around the face over the whole clip
+    (never frame by frame, which would erase the head motion); otherwise it is only resized.
+    """
     size = renderer.config.size
     poses: list[torch.Tensor] = []
     exps: list[torch.Tensor] = []
@@ -165,7 +207,15 @@ def _motion_from_video(
             exps.append(motion.exp)
         batch.clear()
 
-    for frame in media.iter_video_frames(path, size, fps=edtalk_audio.FPS, max_frames=frames):
+    if align:
+        import itertools
+
+        from edtalk.align import crop_clip
+
+        source = itertools.islice(crop_clip(path, size, fps=edtalk_audio.FPS), frames)
+    else:
+        source = media.iter_video_frames(path, size, fps=edtalk_audio.FPS, max_frames=frames)
+    for frame in source:
         batch.append(frame)
         if len(batch) == batch_size:
             flush()
@@ -192,6 +242,9 @@ def render_file(
     device: str = "cpu",
     progress: bool = True,
     backend: str = "torch",
+    align: bool = True,
+    face: int = 0,
+    paste_back: bool = False,
 ) -> RenderSummary:
     """Render a talking-face mp4 from a face image and speech.
 
@@ -209,6 +262,11 @@ def render_file(
         progress: show a tqdm progress bar on stderr.
         backend: ``torch``, ``onnxruntime`` or ``tensorrt`` (see :func:`engines.create_renderer`); the
             ONNX-based backends export the graphs into the cache on first use.
+        align: detect the face in ``image`` and align it to EDTalk's crop (an image that already is
+            such a crop is used as it is); driving clips are cropped with one fixed box. False: take
+            the image and clips as given (resized).
+        face: which face to use when the photo has several (0 = the largest).
+        paste_back: write frames at the photo's size, each face warped back into the photo.
 
     Raises:
         edtalk.errors.InputError, edtalk.errors.CheckpointError: bad inputs or weights, raised
@@ -217,7 +275,8 @@ def render_file(
     start = time.perf_counter()
     out = Path(out)
     inputs = _validate(
-        weights_dir, image, audio, out, pose_video, still, emotion, exp_video, batch_size, device, backend
+        weights_dir, image, audio, out, pose_video, still, emotion, exp_video, batch_size, device, backend,
+        align=align, face=face, paste_back=paste_back,
     )
     weights, frames, dev = inputs.weights, inputs.frames, inputs.device
     wav = edtalk_audio.fit_to_frames(inputs.wav, frames)
@@ -240,16 +299,17 @@ def render_file(
     renderer = engines.create_renderer(backend, model=model, device=str(dev))
     logger.info("backend: %s", renderer.describe())
     with torch.inference_mode():
-        src_img = media.image_to_tensor(inputs.image, config.size)
+        crop, matrix = _identity_crop(inputs, config.size)
+        src_img = media.uint8_to_tensor(crop[None])
         own = renderer.read_motion(src_img)
         src = renderer.prepare_source(src_img)
         lip = _lip_from_audio(renderer, wav, frames)
 
         video_pose = video_exp = None
         if pose_video is not None:
-            video_pose, _ = _motion_from_video(renderer, pose_video, frames, batch_size)
+            video_pose, _ = _motion_from_video(renderer, pose_video, frames, batch_size, align)
         if exp_video is not None:
-            _, video_exp = _motion_from_video(renderer, exp_video, frames, batch_size)
+            _, video_exp = _motion_from_video(renderer, exp_video, frames, batch_size, align)
         pose = video_pose if video_pose is not None else own.pose.expand(frames, -1)  # [T,6]
         exp: torch.Tensor | None = None
         if model.has_expression:
@@ -261,6 +321,13 @@ def render_file(
                 exp = own.exp  # [1,10]
         # one prepared avatar for a fixed expression (EEM once); one per frame for an expression clip
         fixed = renderer.prepare_expression(src, exp) if exp is None or exp.shape[0] == 1 else None
+        paste = None
+        if paste_back:
+            from engines.pasteback import PasteBack
+
+            h, w = inputs.photo.shape[:2]
+            photo = inputs.photo[: h - h % 2, : w - w % 2]          # yuv420p needs even sizes
+            paste = PasteBack(photo, matrix, config.size, device=dev)
 
     def batches() -> Iterator[np.ndarray]:
         with tqdm(total=frames, unit="frame", disable=not progress, desc="render") as bar:
@@ -269,6 +336,8 @@ def render_file(
                 with torch.inference_mode():
                     avatar = fixed or [renderer.prepare_expression(src, exp[k: k + 1]) for k in range(i, j)]
                     frames_u8 = renderer.render(avatar, lip[i:j], pose[i:j])
+                    if paste is not None:
+                        frames_u8 = paste(frames_u8)
                 bar.update(j - i)
                 yield frames_u8
 

@@ -121,7 +121,7 @@ class PasteBack:
         self.device = torch.device(device)
         grid, mask = self._grid_and_mask()
         x0, y0, x1, y1 = self.bbox
-        region = torch.from_numpy(photo[y0:y1, x0:x1]).permute(2, 0, 1).float()
+        region = torch.from_numpy(np.array(photo[y0:y1, x0:x1])).permute(2, 0, 1).float()
         #: ``[1,h,w,2]`` crop coordinates of the box's pixels, normalised for ``grid_sample``
         self.grid = grid.to(self.device)
         #: ``[1,1,h,w]`` feathered mask over the box (exactly 0 outside the crop footprint)

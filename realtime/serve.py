@@ -18,13 +18,21 @@ from .server import AvatarServer, ServerSettings
 logger = logging.getLogger(__name__)
 
 
-def _read_pose_clip(renderer: engines.Renderer, path: str | Path) -> torch.Tensor:
-    """Pose coefficients ``[N,6]`` of every frame of a driving clip (read once at start-up)."""
+def _read_pose_clip(renderer: engines.Renderer, path: str | Path, align: bool = True) -> torch.Tensor:
+    """Pose coefficients ``[N,6]`` of every frame of a driving clip (read once at start-up).
+
+    With ``align`` the clip is cropped with one fixed box around the face over the whole clip.
+    """
     import numpy as np
 
     from clients import media
 
-    frames = list(media.iter_video_frames(path, renderer.config.size, fps=25))
+    if align:
+        from edtalk.align import crop_clip
+
+        frames = list(crop_clip(path, renderer.config.size, fps=25))
+    else:
+        frames = list(media.iter_video_frames(path, renderer.config.size, fps=25))
     if not frames:
         raise InputError(f"{path}: no video frames")
     images = media.uint8_to_tensor(np.stack(frames))
@@ -59,7 +67,7 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
     model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip)
     renderer = engines.create_renderer(backend, model=model, device=device)
     logger.info("backend: %s", renderer.describe())
-    clip = _read_pose_clip(renderer, pose_video) if pose_video else None
+    clip = _read_pose_clip(renderer, pose_video, align) if pose_video else None
     store = AvatarStore(renderer, model.weights_id, engines.cache_dir() if cache else None,
                         aligner=_aligner(align), clip_poses=clip)
     if avatars_dir is not None:

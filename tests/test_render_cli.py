@@ -329,3 +329,48 @@ def test_module_entry_point_exit_codes(tmp_path, lip_pose_weights, face_image, c
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ avatars
+
+
+def test_render_default_avatar(tmp_path, edtalk_weights, clips, capsys):
+    """No --image: the portrait shipped with the package is used (the README's run command)."""
+    out = tmp_path / "default.mp4"
+    rc = main(["render", "--weights", str(edtalk_weights), "--audio", str(clips["wav_1_23s"]), "--out", str(out),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    info = _check_output(out, 30)
+    assert info["pixels"][0].shape[:2] == (64, 64)
+
+
+def test_render_paste_back_keeps_the_photo_outside_the_face(tmp_path, edtalk_weights, clips, testdata, capsys):
+    from PIL import Image
+
+    photo = np.asarray(Image.open(testdata / "uncrop_face.jpg").convert("RGB"))
+    out = tmp_path / "pasted.mp4"
+    rc = main(["render", "--weights", str(edtalk_weights), "--image", str(testdata / "uncrop_face.jpg"),
+               "--audio", str(clips["wav_1_23s"]), "--out", str(out), "--paste-back", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    frames = _decode_frames(out)
+    h, w = photo.shape[0] - photo.shape[0] % 2, photo.shape[1] - photo.shape[1] % 2
+    assert frames.shape[1:3] == (h, w)
+    # the bottom rows (shoulders, far below the face crop) are the photo, up to H.264 coding noise
+    assert np.abs(frames[0, -120:].astype(int) - photo[h - 120:h, :w].astype(int)).mean() < 3.0
+    # the face region changed (the fixture networks draw noise there)
+    cy, cx = h // 3, w // 2
+    assert np.abs(frames[0, cy - 20:cy + 20, cx - 20:cx + 20].astype(int)
+                  - photo[cy - 20:cy + 20, cx - 20:cx + 20].astype(int)).mean() > 10
+
+
+def test_render_no_face_fails_cleanly(tmp_path, edtalk_weights, clips, capsys):
+    from PIL import Image
+
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (120, 130, 140)).save(blank)
+    out = tmp_path / "out.mp4"
+    rc = main(["render", "--weights", str(edtalk_weights), "--image", str(blank), "--audio", str(clips["wav_2s"]),
+               "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and "no face found" in err and err.count("\n") == 1
+    assert not out.exists()

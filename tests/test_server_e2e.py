@@ -209,8 +209,8 @@ def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech
     from clients import media
     from edtalk.weights import find_weights, load_preset
     from engines import create_renderer
-    from realtime.scheduler import FrameScheduler
     from realtime.avatars import prepare_avatar
+    from realtime.scheduler import FrameScheduler
 
     frames_n = 40
     wav = speech[: frames_n * 640]
@@ -260,8 +260,8 @@ def test_silence_gives_resting_mouth(edtalk_weights, face_image):
     from clients import media
     from edtalk.weights import find_weights
     from engines import create_renderer
-    from realtime.scheduler import FrameScheduler
     from realtime.avatars import prepare_avatar
+    from realtime.scheduler import FrameScheduler
 
     w = find_weights(edtalk_weights)
     model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
