@@ -124,6 +124,7 @@ class AvatarStore:
                     if keep_photo and photo is None:
                         photo = _read_rgb(path)
                     prepared.photo = photo
+                    prepared.assets.photo, prepared.assets.matrix = photo, prepared.matrix
                     logger.info("avatar %s: loaded from cache", name)
                     return prepared
                 except (EDTalkError, KeyError) as e:
@@ -136,6 +137,7 @@ class AvatarStore:
             crop, matrix = _resize(photo, size), None
         prepared = self._prepare_crop(name, crop, matrix)
         prepared.photo = photo if keep_photo else None
+        prepared.assets.photo, prepared.assets.matrix = prepared.photo, matrix
         if cache is not None:
             self._save_cached(cache, self._to_arrays(prepared), {"name": name, "source": path.name,
                                                                  "weights": self.weights_id})
@@ -147,7 +149,7 @@ class AvatarStore:
         logger.info("avatar %s: prepared", name)
         return Prepared(assets, crop, None, matrix)
 
-    def prepare_dir(self, folder: str | Path) -> tuple[dict[str, Prepared], dict[str, str]]:
+    def prepare_dir(self, folder: str | Path, keep_photo: bool = False) -> tuple[dict[str, Prepared], dict[str, str]]:
         """Prepare every image of a folder; a bad image is reported by name and skipped."""
         folder = Path(folder)
         if not folder.is_dir():
@@ -163,7 +165,7 @@ class AvatarStore:
                 failed[p.name] = f"another image is already called {name!r}"
                 continue
             try:
-                ok[name] = self.prepare(p, name)
+                ok[name] = self.prepare(p, name, keep_photo=keep_photo)
             except EDTalkError as e:
                 failed[p.name] = str(e)
                 logger.warning("avatar %s skipped: %s", p.name, e)

@@ -71,14 +71,14 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
     store = AvatarStore(renderer, model.weights_id, engines.cache_dir() if cache else None,
                         aligner=_aligner(align), clip_poses=clip)
     if avatars_dir is not None:
-        prepared, failed = store.prepare_dir(avatars_dir)
+        prepared, failed = store.prepare_dir(avatars_dir, keep_photo=True)
         for file, why in failed.items():
             logger.warning("avatar %s skipped: %s", file, why)
         if not prepared:
             raise InputError(f"{avatars_dir}: none of the images could be used as an avatar")
     else:
         path = Path(avatar) if avatar is not None else default_avatar()
-        prepared = {path.stem: store.prepare(path)}
+        prepared = {path.stem: store.prepare(path, keep_photo=True)}
     presets = {n: load_preset(p) for n, p in sorted(weights.presets.items())} if model.has_expression else {}
     return AvatarServer(renderer, {n: p.assets for n, p in prepared.items()}, presets, settings or ServerSettings())
 

@@ -51,6 +51,7 @@ class ServerSettings:
     max_batch: int = 16
     max_wait_ms: float = 4.0
     max_offer_bytes: int = 64 * 1024
+    paste_back_max_size: int | None = 1280      # longest side of paste-back streams (None: the photo's size)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -112,6 +113,7 @@ class AvatarServer:
         self.settings = settings = settings or ServerSettings()
         self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
         self.peers: dict[str, _Peer] = {}
+        self._pastes: dict[str, Any] = {}
         self.started = time.time()
         self.rejected = {"full": 0, "bad_request": 0}
         self.sessions_total = 0
@@ -208,8 +210,10 @@ class AvatarServer:
                for s in self.settings.ice_servers]
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
         sid = uuid.uuid4().hex
+        paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
-                          render_budget=self.settings.render_budget, jitter_margin=self.settings.jitter_margin)
+                          render_budget=self.settings.render_budget, jitter_margin=self.settings.jitter_margin,
+                          paste=paste)
         peer = _Peer(session, pc)
         self.peers[sid] = peer
         self.sessions_total += 1
@@ -254,6 +258,33 @@ class AvatarServer:
         finally:
             if not ok:
                 await self.close_peer(sid, "setup failed")
+
+    def _paste_back(self, name: str):
+        """The avatar's paste-back (built once per avatar, on the renderer's device)."""
+        if name in self._pastes:
+            return self._pastes[name]
+        assets = self.avatars[name]
+        if assets.photo is None:
+            raise InputError(f"avatar {name!r} has no photo to paste back into")
+        from engines.pasteback import PasteBack
+
+        photo = assets.photo
+        h, w = photo.shape[:2]
+        size = self.renderer.config.size
+        matrix = assets.matrix
+        if matrix is None:                               # the photo is the crop, resized
+            matrix = np.array([[size / w, 0, 0.5 * size / w - 0.5], [0, size / h, 0.5 * size / h - 0.5]])
+        device = getattr(self.renderer, "device", "cpu")
+        paste = PasteBack(photo, matrix, size, device=device, max_size=self.settings.paste_back_max_size)
+        if paste.output_size[0] % 2 or paste.output_size[1] % 2:     # video encoders want even sizes
+            pw, ph = paste.output_size
+            inner = paste
+
+            def paste(frames, inner=inner, ph=ph, pw=pw):
+                return inner(frames)[:, : ph - ph % 2, : pw - pw % 2]
+
+        self._pastes[name] = paste
+        return paste
 
     def _control(self, session: Session, message: Any) -> dict:
         try:

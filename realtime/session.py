@@ -51,6 +51,8 @@ class AvatarAssets:
     rest_lip: torch.Tensor                  # [20]
     idle_frame: np.ndarray                  # uint8 [S,S,3], the neutral face
     clip_poses: torch.Tensor | None = None  # [N,6] of the server's pose clip, if any
+    photo: np.ndarray | None = None         # uint8 [H,W,3] the original photo (for paste-back)
+    matrix: np.ndarray | None = None        # 2x3 photo -> crop (None: the photo is the crop, resized)
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class SessionOptions:
     pose: str = "idle"
     low_latency: bool = False
     probe: bool = False          # paint each frame's index into its top rows (latency measurements)
+    paste_back: bool = False     # stream the avatar's whole photo with the face blended back in
 
-    FIELDS = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe")
+    FIELDS = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe", "paste_back")
 
     @classmethod
     def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool
@@ -86,7 +89,8 @@ class SessionOptions:
         if pose == "clip" and not has_clip:
             raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
         return cls(avatar=avatar, emotion=emotion, intensity=intensity, pose=pose,
-                   low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)))
+                   low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)),
+                   paste_back=bool(data.get("paste_back", False)))
 
 
 def _number(value: Any, name: str, lo: float, hi: float) -> float:
@@ -134,7 +138,7 @@ class Session:
     def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: AvatarAssets,
                  options: SessionOptions, presets: dict[str, torch.Tensor], render_budget: float = 0.1,
                  jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
-                 silence_db: float | None = -50.0):
+                 silence_db: float | None = -50.0, paste: Callable[[np.ndarray], np.ndarray] | None = None):
         self.id = sid
         self.renderer = renderer
         self.scheduler = scheduler
@@ -167,7 +171,10 @@ class Session:
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=400)
         self._tasks: set[asyncio.Task] = set()
         self._last_audio = self.clock.now()
-        self.video = AvatarVideoTrack(self.clock, self._frame_for, assets.idle_frame, on_index=self._sent)
+        self.paste = paste                 # uint8 [B,S,S,3] -> uint8 [B,H,W,3] (paste-back), or None
+        idle = assets.idle_frame if paste is None else paste(assets.idle_frame[None])[0]
+        self.idle_frame = idle
+        self.video = AvatarVideoTrack(self.clock, self._frame_for, idle, on_index=self._sent)
         self.voice = DelayedVoiceTrack(self.clock, self._voice_for)
 
     # ------------------------------------------------------------ life cycle
@@ -285,6 +292,8 @@ class Session:
                 self._avatar, self._avatar_key = avatar, key
             deadline = self.clock.t0 + self.clock.video_due(f.index)
             image = await self.scheduler.render(avatar, f.lip, pose, session=self.id, deadline=deadline)
+            if self.paste is not None:
+                image = (await self.scheduler.run(self.paste, image[None]))[0]
         except FrameDropped:
             self.stats.frames_dropped += 1
             logger.debug("session %s: frame %d dropped (%.0f ms past due)", self.id[:8], f.index,
@@ -302,7 +311,7 @@ class Session:
             del self.frames[k]
             self.stats.frames_dropped += 1
         if self.options.probe:
-            image = paint_index(image if image is not None else self.assets.idle_frame, index)
+            image = paint_index(image if image is not None else self.idle_frame, index)
         return image
 
     def _sent(self, index: int) -> None:

@@ -31,9 +31,10 @@ def _free_port() -> int:
 class Running:
     """A server started on a free port inside the test's event loop."""
 
-    def __init__(self, weights: Path, avatar: Path, **settings):
+    def __init__(self, weights: Path, avatar: Path, align: bool = False, **settings):
         self.port = _free_port()
-        self.server = build_server(weights, avatar, settings=ServerSettings(port=self.port, **settings), align=False)
+        self.server = build_server(weights, avatar, settings=ServerSettings(port=self.port, **settings), align=align,
+                                   cache=False)
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self):
@@ -329,3 +330,23 @@ def test_udp_port_range(edtalk_weights, face_image, speech):
     lines = [line for line in sdp.splitlines() if line.startswith("a=candidate:") and "typ host" in line]
     ports = [int(line.split()[5]) for line in lines]
     assert ports and all(42100 <= p <= 42120 for p in ports), ports
+
+
+def test_paste_back_session_streams_the_photo(edtalk_weights, testdata, speech):
+    """Session option paste_back: the stream has the photo's size, the face blended back in."""
+    from PIL import Image
+
+    photo = testdata / "uncrop_face.jpg"
+    w, h = Image.open(photo).size
+
+    async def main():
+        async with Running(edtalk_weights, photo, align=True) as srv:
+            return await run_client(srv.url, speech[:16000], None, {"paste_back": True}, keep_frames=True)
+
+    result = asyncio.run(main())
+    assert result.video_frames >= 20
+    assert result.size == (w - w % 2, h - h % 2)
+    frame = result.frames[-1]
+    original = np.asarray(Image.open(photo).convert("RGB"))[: frame.shape[0], : frame.shape[1]]
+    # far from the face (bottom rows) the stream shows the photo, up to video coding noise
+    assert np.abs(frame[-100:].astype(int) - original[-100:].astype(int)).mean() < 6

@@ -3,7 +3,7 @@
  *
  * Protocol (see realtime/server.py and realtime/session.py):
  *   GET  config  -> {avatars, emotions, pose_modes, ice_servers, size, family}
- *   POST offer   <- {sdp, type: "offer", avatar, emotion, intensity, pose, low_latency}
+ *   POST offer   <- {sdp, type: "offer", avatar, emotion, intensity, pose, low_latency, paste_back}
  *                -> {sdp, type: "answer", session}   or 4xx/503 {error}
  *   data channel "control": JSON messages {type: "emotion"|"intensity"|"pose"|"pause"|"resume"|
  *                "interrupt"|"stats", ...}, each answered by {type: "ok"|"stats", for, stats}
@@ -31,6 +31,7 @@
     intensityValue: $("intensity-value"),
     pose: $("pose"),
     lowLatency: $("low-latency"),
+    pasteBack: $("paste-back"),
     muteVoice: $("mute-voice"),
     video: $("avatar"),
     voice: $("voice"),
@@ -79,6 +80,7 @@
     ui.pause.disabled = state !== "connected";
     ui.interrupt.disabled = state !== "connected";
     ui.lowLatency.disabled = live;
+    ui.pasteBack.disabled = live;
     if (!live) {
       app.paused = false;
       ui.pause.textContent = "Pause";
@@ -126,6 +128,7 @@
       intensity: Number(ui.intensity.value),
       pose: ui.pose.value || undefined,
       low_latency: ui.lowLatency.checked,
+      paste_back: ui.pasteBack.checked,
     };
   }
 
