@@ -310,8 +310,8 @@ class Session:
         for k in [k for k in self.frames if k < index]:
             del self.frames[k]
             self.stats.frames_dropped += 1
-        if self.options.probe:
-            image = paint_index(image if image is not None else self.idle_frame, index)
+        if self.options.probe and image is not None:     # a frame not ready is repeated (and counted) as usual
+            image = paint_index(image, index)
         return image
 
     def _sent(self, index: int) -> None:
