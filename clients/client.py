@@ -91,9 +91,16 @@ class ClientResult:
 
 
 class _Writer:
-    """Writes received video (and audio) frames to an mp4 with their relative timestamps."""
+    """Writes received video and audio frames to an mp4 with their relative timestamps.
+
+    Encoding runs on its own thread (frames are handed over through a queue), so the event loop,
+    which also carries the WebRTC session, never waits for the encoder.
+    """
 
     def __init__(self, path: Path):
+        import queue
+        import threading
+
         self.path = path
         self.tmp = path.with_name(f".{path.name}.part")
         self.container = av.open(str(self.tmp), "w", format="mp4")
@@ -101,8 +108,30 @@ class _Writer:
         self.audio = None
         self.v0: int | None = None
         self.a_samples = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="client-recorder", daemon=True)
+        self._thread.start()
 
     def add_video(self, frame: av.VideoFrame) -> None:
+        self._queue.put(("video", frame))
+
+    def add_audio(self, frame: av.AudioFrame) -> None:
+        self._queue.put(("audio", frame))
+
+    def _work(self) -> None:
+        while True:
+            kind, frame = self._queue.get()
+            if kind == "stop":
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._write_video(frame) if kind == "video" else self._write_audio(frame)
+            except Exception as e:  # noqa: BLE001 - reported by close()
+                self.error = e
+
+    def _write_video(self, frame: av.VideoFrame) -> None:
         if self.video is None:
             self.video = self.container.add_stream("libx264", rate=25)
             self.video.width, self.video.height = frame.width, frame.height
@@ -117,7 +146,7 @@ class _Writer:
         for packet in self.video.encode(out):
             self.container.mux(packet)
 
-    def add_audio(self, frame: av.AudioFrame) -> None:
+    def _write_audio(self, frame: av.AudioFrame) -> None:
         if self.audio is None:
             self.audio = self.container.add_stream("aac", rate=48_000)
             self.audio.layout = "mono"
@@ -130,6 +159,9 @@ class _Writer:
                 self.container.mux(packet)
 
     def close(self, ok: bool) -> None:
+        self._queue.put(("stop", None))
+        self._thread.join()
+        ok = ok and self.error is None
         try:
             if ok:
                 for stream in (self.video, self.audio):
@@ -141,6 +173,8 @@ class _Writer:
                 self.tmp.replace(self.path)
         finally:
             self.tmp.unlink(missing_ok=True)
+        if self.error is not None:
+            raise EDTalkError(f"could not record {self.path}: {self.error}")
 
 
 async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Path | None = None,
@@ -279,7 +313,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if writer is not None:
-            writer.close(ok and result.video_frames > 0)
+            await asyncio.get_running_loop().run_in_executor(None, writer.close, ok and result.video_frames > 0)
 
 
 def main_client(args) -> int:

@@ -422,23 +422,18 @@ class FrameScheduler:
         self._unlogged.update(deadline=0, queue_full=0)
 
     # ------------------------------------------------------------ queue
-    def _purge(self, now: float, horizon: float = 0.0) -> None:
-        """Remove requests whose caller gave up and fail those whose deadline has passed.
-
-        With ``horizon`` (the expected render time of a batch), a request that could only finish after
-        its deadline is dropped before it costs any rendering: under overload the renderer then works
-        on frames that can still be shown.
-        """
+    def _purge(self, now: float) -> None:
+        """Remove requests whose caller gave up and fail those whose deadline has passed."""
         expired = 0
         for session in list(self._queues):
             keep: deque[_Request] = deque()
             for r in self._queues[session]:
                 if r.future.done():
                     continue
-                if r.deadline is not None and r.deadline <= now + horizon:
+                if r.deadline is not None and r.deadline <= now:
                     r.future.set_exception(FrameDropped("deadline", (
                         f"frame for session {session!r} dropped: waited {(now - r.enqueued) * 1e3:.1f} ms, "
-                        f"would be ready {(now + horizon - r.deadline) * 1e3:.1f} ms past its deadline")))
+                        f"{(now - r.deadline) * 1e3:.1f} ms past its deadline")))
                     expired += 1
                     continue
                 keep.append(r)
@@ -452,7 +447,7 @@ class FrameScheduler:
 
     def _take(self, now: float) -> list[_Request]:
         """Up to ``max_batch`` live requests: one per session in turn, sessions ordered by their oldest request."""
-        self._purge(now, horizon=self._render_ewma)
+        self._purge(now)
         heads = sorted((q for q in self._queues.values()), key=lambda q: q[0].seq)
         batch: list[_Request] = []
         while heads and len(batch) < self.max_batch:
