@@ -180,7 +180,7 @@ class _Writer:
 async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Path | None = None,
                      options: dict[str, Any] | None = None, tail: float | None = None,
                      connect_timeout: float = 20.0, keep_frames: bool = False,
-                     control: list[tuple[float, dict]] | None = None,
+                     control: list[tuple[float, dict | str]] | None = None,
                      record_window: bool = True) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
@@ -291,7 +291,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
             for at, msg in control:
                 await asyncio.sleep(max(0.0, start + at - time.time()))
                 if channel.readyState == "open":
-                    channel.send(json.dumps(msg))
+                    channel.send(msg if isinstance(msg, str) else json.dumps(msg))
         await asyncio.sleep(max(0.0, start + result.sent_seconds - time.time()))
         if channel.readyState == "open":
             channel.send(json.dumps({"type": "stats"}))

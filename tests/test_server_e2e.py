@@ -171,12 +171,13 @@ def test_control_channel_replies(edtalk_weights, face_image, speech):
     async def main():
         async with Running(edtalk_weights, face_image) as srv:
             return await run_client(srv.url, speech[: 2 * 16000], None, control=[
-                (0.1, {"type": "dance"}), (0.2, {"type": "emotion", "name": "sad"}),
+                (0.05, "this is not JSON {"), (0.1, {"type": "dance"}), (0.2, {"type": "emotion", "name": "sad"}),
                 (0.3, {"type": "intensity", "value": 5}), (0.4, {"type": "interrupt"}),
                 (0.5, {"type": "pause"}), (0.6, {"type": "resume"}), (0.7, {"type": "pose", "mode": "clip"})])
 
     result = asyncio.run(main())
     kinds = [(r["type"], r.get("for"), r.get("error", "")) for r in result.replies]
+    assert ("error", None, "control messages must be JSON objects") in kinds
     assert ("error", None, "unknown control message type 'dance'; known: emotion, intensity, pose, pause, "
             "resume, interrupt, stats") in kinds
     assert ("ok", "emotion", "") in kinds
