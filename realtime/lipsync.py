@@ -469,6 +469,10 @@ class StreamingLipSync:
             needed = -(-needed // SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME
         return needed
 
+    def ready(self) -> bool:
+        """True when :meth:`pop` would return at least one frame (cheap: lets callers skip empty pops)."""
+        return self._mel.num_samples >= self.samples_needed(self.next_index - self.first_index)
+
     # ------------------------------------------------------------ streaming
     def push(self, samples: np.ndarray | torch.Tensor) -> None:
         """Append 16 kHz mono float samples ``[L]`` in [-1, 1] (any L >= 0); computes the new mel frames."""

@@ -277,7 +277,7 @@ class Session:
                     chunk = np.zeros_like(chunk)
                 self.lips.push(chunk)
                 self._fed = end
-            frames = await self.scheduler.run(self.lips.pop)
+            frames = await self.scheduler.run(self.lips.pop) if self.lips.ready() else []
             for f in frames:
                 self._spawn(self._render(f, self._generation), f"frame-{f.index}")
 

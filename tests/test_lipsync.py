@@ -429,3 +429,19 @@ def test_bad_inputs():
     bad_rest.push(np.zeros(8000, np.float32))
     with pytest.raises(InputError, match="rest_lip"):
         bad_rest.pop()
+
+
+def test_ready_predicts_pop():
+    """ready() is True exactly when pop() has a frame to give, whatever the chunking."""
+    rng = np.random.default_rng(3)
+    wav = (rng.standard_normal(16000 * 3) * 0.1).astype(np.float32)
+    for cut in (False, True):
+        lips = StreamingLipSync(lambda w: w.mean(dim=(1, 2, 3))[:, None].repeat(1, 20),
+                                LipSyncConfig(cut_to_frames=cut, silence_db=None))
+        pos = 0
+        while pos < len(wav):
+            n = int(rng.integers(0, 900))
+            lips.push(wav[pos:pos + n])
+            pos += n
+            expected = lips.ready()
+            assert bool(lips.pop()) == expected
