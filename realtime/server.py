@@ -25,6 +25,7 @@ from edtalk.errors import EDTalkError, InputError
 from engines.base import Renderer
 
 from .avatars import prepare_avatar  # noqa: F401 - re-exported for callers of the server module
+from .lipbatch import LipBatcher
 from .scheduler import FrameScheduler
 from .session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
 
@@ -112,6 +113,7 @@ class AvatarServer:
         self.presets = presets if renderer.config.has_expression else {}
         self.settings = settings = settings or ServerSettings()
         self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+        self.lip_batcher = LipBatcher(renderer.audio_to_lip, self.scheduler.run)
         self.peers: dict[str, _Peer] = {}
         self._pastes: dict[str, Any] = {}
         self.started = time.time()
@@ -141,6 +143,7 @@ class AvatarServer:
 
     async def _shutdown(self, _app: web.Application) -> None:
         await asyncio.gather(*(self.close_peer(sid, "server shutdown") for sid in list(self.peers)))
+        await self.lip_batcher.close()
         await self.scheduler.stop()
 
     # ------------------------------------------------------------ routes
@@ -213,7 +216,7 @@ class AvatarServer:
         paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
                           render_budget=self.settings.render_budget, jitter_margin=self.settings.jitter_margin,
-                          paste=paste)
+                          paste=paste, lip_batcher=self.lip_batcher)
         peer = _Peer(session, pc)
         self.peers[sid] = peer
         self.sessions_total += 1

@@ -29,6 +29,7 @@ from edtalk.errors import InputError
 from engines.base import PreparedSource, Renderer
 
 from .audio_in import RATE, AudioInput
+from .lipbatch import LipBatcher
 from .lipsync import LipFrame, LipSyncConfig, StreamingLipSync
 from .motion import ExpressionState, PoseSource
 from .scheduler import FrameDropped, FrameScheduler
@@ -138,7 +139,8 @@ class Session:
     def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: AvatarAssets,
                  options: SessionOptions, presets: dict[str, torch.Tensor], render_budget: float = 0.1,
                  jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
-                 silence_db: float | None = -50.0, paste: Callable[[np.ndarray], np.ndarray] | None = None):
+                 silence_db: float | None = -50.0, paste: Callable[[np.ndarray], np.ndarray] | None = None,
+                 lip_batcher: LipBatcher | None = None):
         self.id = sid
         self.renderer = renderer
         self.scheduler = scheduler
@@ -148,7 +150,9 @@ class Session:
         self.created = time.time()
         lip_cfg = LipSyncConfig(lookahead="low" if options.low_latency else "offline", cut_to_frames=False,
                                 silence_db=silence_db)
-        self.lips = StreamingLipSync(renderer.audio_to_lip, lip_cfg, rest_lip=assets.rest_lip)
+        self.lip_batcher = lip_batcher     # shared by all sessions: one Audio2Lip call per tick for everyone
+        self._lip_hook = lip_batcher.hook() if lip_batcher is not None else None
+        self.lips = StreamingLipSync(self._lip_hook or renderer.audio_to_lip, lip_cfg, rest_lip=assets.rest_lip)
         self.delay = self.lips.latency_s + render_budget
         self.jitter_margin = jitter_margin
         self.clock = SessionClock(self.delay, time_fn=time_fn)
@@ -261,8 +265,10 @@ class Session:
 
     # ------------------------------------------------------------ production
     async def _produce(self, tick: float = 0.02) -> None:
+        loop = asyncio.get_running_loop()
         while not self.closed:
-            await self.clock.sleep(tick)
+            # tick on a grid shared by all sessions, so the lip batcher sees their pops together
+            await self.clock.sleep(tick - loop.time() % tick if self.lip_batcher is not None else tick)
             if self._interrupt:                # the lip-sync is only touched here, never during a pop
                 self._interrupt = False
                 self.lips.reset()
@@ -277,7 +283,12 @@ class Session:
                     chunk = np.zeros_like(chunk)
                 self.lips.push(chunk)
                 self._fed = end
-            frames = await self.scheduler.run(self.lips.pop) if self.lips.ready() else []
+            if not self.lips.ready():
+                frames = []
+            elif self.lip_batcher is not None:
+                frames = await self.lip_batcher.pop(self.lips, self._lip_hook)
+            else:
+                frames = await self.scheduler.run(self.lips.pop)
             for f in frames:
                 self._spawn(self._render(f, self._generation), f"frame-{f.index}")
 
