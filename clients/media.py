@@ -175,60 +175,13 @@ def iter_video_frames(
     frame), so a 30 fps clip drops every sixth frame and a 25 fps clip passes through unchanged.
     ``size=None`` keeps the source size. Frames are decoded and converted one at a time.
     """
+    from itertools import islice
+
+    from edtalk.align import iter_video
+
     path = _existing_file(path, "video file")
-    container = _open_container(path, "video file")
-    try:
-        if not container.streams.video:
-            raise InputError(f"no video stream in {path}")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        tick = Fraction(1, fps)
-        rate = stream.average_rate or stream.guessed_rate or Fraction(fps)
-        nominal = 1 / Fraction(rate)
-        emitted = 0
-        t0: Fraction | None = None
-        prev: tuple[Fraction, av.VideoFrame] | None = None
-        last_step = nominal
-
-        def convert(frame: av.VideoFrame) -> np.ndarray:
-            img = frame.to_image()
-            return np.asarray(_resize(img, size) if size else img)
-
-        def emit_until(limit: Fraction, frame: av.VideoFrame) -> Iterator[np.ndarray]:
-            # Every tick strictly before ``limit`` (relative to t0) is nearest to ``frame``.
-            nonlocal emitted
-            array = None
-            while emitted * tick < limit and (max_frames is None or emitted < max_frames):
-                if array is None:
-                    array = convert(frame)
-                yield array
-                emitted += 1
-
-        index = 0
-        for frame in container.decode(stream):
-            if frame.pts is not None and frame.time_base is not None:
-                t = Fraction(frame.pts) * Fraction(frame.time_base)
-            else:
-                t = index * nominal
-            index += 1
-            if t0 is None:
-                t0 = t
-            t -= t0
-            if prev is not None:
-                if t <= prev[0]:  # duplicate or out-of-order timestamp: keep the earlier frame
-                    continue
-                last_step = t - prev[0]
-                yield from emit_until((prev[0] + t) / 2, prev[1])
-                if max_frames is not None and emitted >= max_frames:
-                    return
-            prev = (t, frame)
-        if prev is None:
-            raise InputError(f"video has no frames: {path}")
-        yield from emit_until(prev[0] + last_step, prev[1])
-    except av.FFmpegError as exc:
-        raise InputError(f"cannot decode video file {path}: {_reason(exc)}") from exc
-    finally:
-        container.close()
+    for frame in islice(iter_video(path, fps), max_frames):
+        yield np.asarray(_resize(Image.fromarray(frame), size)) if size else frame
 
 
 def read_video_frames(

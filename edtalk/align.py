@@ -609,12 +609,13 @@ def _video_frame_count(stream) -> int | None:
     return None
 
 
-def _iter_video(path: str | os.PathLike[str], fps: int | None) -> Iterator[np.ndarray]:
+def iter_video(path: str | os.PathLike[str], fps: int | None) -> Iterator[np.ndarray]:
     """RGB uint8 frames ``[H,W,3]`` of a video; with ``fps``, resampled by timestamp.
 
     Resampled output frame ``k`` is the source frame nearest to time ``k / fps`` counted from the
-    first frame (the same rule as ``clients.media.iter_video_frames``): a 30 fps clip drops every
-    sixth frame, a 25 fps clip passes through unchanged. ``fps=None``: every decoded frame.
+    first frame: a 30 fps clip drops every sixth frame, a 25 fps clip passes through unchanged.
+    ``fps=None``: every decoded frame. The one implementation of this rule in the project
+    (``clients.media.iter_video_frames`` resizes its frames).
     """
     import av
 
@@ -750,7 +751,7 @@ def _stride_for(path: Path) -> int:
 def find_clip_box(path: str | os.PathLike[str]) -> ClipBox:
     """:func:`clip_box` of a video file, sampling about 50 frames spread over the clip."""
     path = Path(path)
-    return clip_box(_iter_video(path, None), stride=_stride_for(path), name=str(path))
+    return clip_box(iter_video(path, None), stride=_stride_for(path), name=str(path))
 
 
 def crop_clip(
@@ -763,7 +764,7 @@ def crop_clip(
     timestamp; parts of the box outside the frame are filled by reflection.
     """
     box = box or find_clip_box(path)
-    for frame in _iter_video(path, fps):
+    for frame in iter_video(path, fps):
         yield _crop_frame(frame, box.box, size)
 
 
