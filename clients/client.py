@@ -214,26 +214,27 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     def keep(now: float) -> bool:
         return bool(window) and window[0] <= now < window[1]
 
-    async def read_video(track):
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if done.is_set():
-                return
-            if not keep(time.time()):
-                continue
-            result.video_frames += 1
-            result.video_pts.append(frame.pts)
-            result.video_arrival.append(time.time())
-            result.size = (frame.width, frame.height)
-            if keep_frames:
-                result.frames.append(frame.to_ndarray(format="rgb24"))
-            if writer is not None:
-                writer.add_video(frame)
+    def on_video(frame: av.VideoFrame, now: float) -> None:
+        result.video_frames += 1
+        result.video_pts.append(frame.pts)
+        result.video_arrival.append(now)
+        result.size = (frame.width, frame.height)
+        if keep_frames:
+            result.frames.append(frame.to_ndarray(format="rgb24"))
+        if writer is not None:
+            writer.add_video(frame)
 
-    async def read_audio(track):
+    def on_audio(frame: av.AudioFrame, now: float) -> None:
+        result.audio_rate = frame.sample_rate
+        result.audio_samples += frame.samples
+        result.audio_arrival.append((now, result.audio_samples))
+        if keep_frames:
+            result.received_audio.append(frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1))
+        if writer is not None:
+            writer.add_audio(frame)
+
+    async def read(track, on_frame) -> None:
+        """Receive ``track`` until it ends, keeping the frames that arrive inside the recording window."""
         while True:
             try:
                 frame = await track.recv()
@@ -241,19 +242,13 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
                 return
             if done.is_set():
                 return
-            if not keep(time.time()):
-                continue
-            result.audio_rate = frame.sample_rate
-            result.audio_samples += frame.samples
-            result.audio_arrival.append((time.time(), result.audio_samples))
-            if keep_frames:
-                result.received_audio.append(frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1))
-            if writer is not None:
-                writer.add_audio(frame)
+            now = time.time()
+            if keep(now):
+                on_frame(frame, now)
 
     @pc.on("track")
     def on_track(track):
-        tasks.append(asyncio.ensure_future(read_video(track) if track.kind == "video" else read_audio(track)))
+        tasks.append(asyncio.ensure_future(read(track, on_video if track.kind == "video" else on_audio)))
 
     @pc.on("connectionstatechange")
     async def on_state():
