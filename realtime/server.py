@@ -24,7 +24,6 @@ from aiohttp import web
 from edtalk.errors import EDTalkError, InputError
 from engines.base import Renderer
 
-from .avatars import prepare_avatar  # noqa: F401 - re-exported for callers of the server module
 from .lipbatch import LipBatcher
 from .scheduler import FrameScheduler
 from .session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
