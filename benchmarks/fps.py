@@ -47,12 +47,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edtalk.config import ModelConfig
-from edtalk.decoder import Synthesis
-from edtalk.encoder import Encoder
-from edtalk.generator import Generator
-from edtalk.layers import Blur, ConvLayer, ModulatedConv2d, ResBlock, StyledConv, ToFlow, ToRGB
-from edtalk.model import EDTalkModel
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.decoder import Synthesis
+from edtalk_live.edtalk.encoder import Encoder
+from edtalk_live.edtalk.generator import Generator
+from edtalk_live.edtalk.layers import Blur, ConvLayer, ModulatedConv2d, ResBlock, StyledConv, ToFlow, ToRGB
+from edtalk_live.edtalk.model import EDTalkModel
 
 __all__ = ["BenchConfig", "Cell", "build_model", "main", "reference_decoder_forward", "reference_frame",
            "reference_check"]
@@ -99,7 +99,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> EDTalkModel:
     The flow-predicting convolutions are scaled by :data:`FLOW_WEIGHT_SCALE`, like the parity
     fixtures, so that flows are small and smooth and nothing overflows in fp16.
     """
-    from edtalk.checkpoint import weights_hash
+    from edtalk_live.edtalk.checkpoint import weights_hash
 
     torch.manual_seed(seed)
     model = EDTalkModel(config, with_audio2lip=False).eval()
@@ -300,7 +300,7 @@ def reference_check(model: EDTalkModel, inputs: Inputs) -> tuple[float, torch.Te
 
     Returns the difference and our raw frame ``[1,3,S,S]`` (what the other backends are compared with).
     """
-    from engines.torch_backend import TorchRenderer
+    from edtalk_live.engines.torch_backend import TorchRenderer
 
     model = copy.deepcopy(model).cpu().float().eval()
     renderer = TorchRenderer(model, device="cpu")
@@ -324,7 +324,7 @@ class Variant:
 
 def _make_torch(device: str, **options):
     def make(model: EDTalkModel, args: argparse.Namespace):
-        from engines import create_renderer
+        from edtalk_live.engines import create_renderer
 
         return create_renderer("torch", model=copy.deepcopy(model), device=device, **options)
     return make
@@ -337,8 +337,8 @@ def _export_dir(model: EDTalkModel) -> Path:
     chaotic enough that two correct implementations differ by more than its 1e-3 tolerance. Instead
     the benchmark compares one rendered frame of every backend with torch and reports the difference.
     """
-    from engines import cache_dir
-    from export.onnx import MANIFEST, export_model
+    from edtalk_live.engines import cache_dir
+    from edtalk_live.export.onnx import MANIFEST, export_model
 
     out = cache_dir() / "onnx" / model.weights_id
     if not (out / MANIFEST).is_file():
@@ -349,7 +349,7 @@ def _export_dir(model: EDTalkModel) -> Path:
 
 def _make_exported(backend: str, device: str):
     def make(model: EDTalkModel, args: argparse.Namespace):
-        from engines import create_renderer
+        from edtalk_live.engines import create_renderer
 
         options = {"onnx_dir": _export_dir(model)}
         if backend == "onnxruntime":
@@ -381,7 +381,7 @@ BASELINE = {"cpu": "torch", "cuda": "torch-cuda-fp32"}
 
 def variants(device: str) -> dict[str, Variant]:
     """Every variant this machine can run, by name."""
-    from engines import available_backends
+    from edtalk_live.engines import available_backends
 
     avail = available_backends()
     out = {"torch": Variant("torch", "cpu", _make_torch("cpu"))}
@@ -634,7 +634,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _command_line(argv: Sequence[str] | None) -> str:
     if argv is None:
         argv = sys.argv[1:]
-    return shlex.join(["python", "-m", "benchmarks.fps", *argv])
+    return shlex.join(["python", "-m", "edtalk_live.benchmarks.fps", *argv])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -652,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = default_backends(device, available)
     else:
         names = list(dict.fromkeys(args.backends))
-        from engines import BACKENDS, available_backends
+        from edtalk_live.engines import BACKENDS, available_backends
 
         for n in names:
             if n not in available:
@@ -710,7 +710,7 @@ def _time_reference(model: EDTalkModel, inputs: Inputs, cname: str, device: str,
     gen = copy.deepcopy(model.generator).to(device).float().eval()
     image, lip, pose = inputs.image, inputs.lip[:1], inputs.pose[:1]
     exp = inputs.exp
-    from engines.base import to_uint8_torch
+    from edtalk_live.engines.base import to_uint8_torch
 
     def frame():
         # per frame, as the demo does: host inputs -> device, the whole published path, uint8 back on the host

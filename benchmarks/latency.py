@@ -132,10 +132,9 @@ def write_random_weights(dest: Path, config_name: str, family: str = "edtalk", s
     import torch
     from PIL import Image
 
-    from edtalk.model import EDTalkModel
-    from edtalk.weights import AUDIO2LIP_FILE, EDTALK_FILE, LIP_POSE_FILE
-
-    from .fps import CONFIGS, FLOW_WEIGHT_SCALE
+    from edtalk_live.benchmarks.fps import CONFIGS, FLOW_WEIGHT_SCALE
+    from edtalk_live.edtalk.model import EDTalkModel
+    from edtalk_live.media.weights import AUDIO2LIP_FILE, EDTALK_FILE, LIP_POSE_FILE
 
     if config_name not in CONFIGS:
         raise ValueError(f"unknown config {config_name!r}; choose from {', '.join(CONFIGS)}")
@@ -309,7 +308,7 @@ def analyse_session(result, sent: np.ndarray, read_index=None) -> SessionMeasure
     (default :func:`realtime.session.read_index`).
     """
     if read_index is None:
-        from realtime.session import read_index
+        from edtalk_live.realtime.session import read_index
     sent = np.asarray(sent, np.float32)
     stats = result.stats or {}
     m = SessionMeasure(session=result.session, server=dict(stats), frames_received=len(result.video_arrival),
@@ -495,7 +494,7 @@ class _AnchorSpy:
 async def run_level(url: str, n: int, audio: np.ndarray, options: dict[str, Any],
                     connect_timeout: float = 60.0, spy: _AnchorSpy | None = None) -> LevelResult:
     """N clients at once, each sending ``audio`` (16 kHz float) in real time; every session analysed."""
-    from clients.client import run_client
+    from edtalk_live.realtime.client import run_client
 
     t0 = time.monotonic()
     # record everything (not only the window the server's delay predicts) and stay a while after the audio,
@@ -546,7 +545,7 @@ def _no_alignment() -> dict[str, bool]:
     """``build_server`` options that take the avatar as given (the random-noise avatar has no face to align)."""
     import inspect
 
-    from realtime.serve import build_server
+    from edtalk_live.realtime.serve import build_server
 
     return {"align": False} if "align" in inspect.signature(build_server).parameters else {}
 
@@ -555,8 +554,8 @@ def _no_alignment() -> dict[str, bool]:
 async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespace, model_note: str):
     from aiohttp import web
 
-    from realtime.serve import build_server
-    from realtime.server import ServerSettings
+    from edtalk_live.realtime.serve import build_server
+    from edtalk_live.realtime.server import ServerSettings
 
     port = _free_port()
     settings = ServerSettings(port=port, max_sessions=max(args.sessions), render_budget=args.render_budget,
@@ -581,7 +580,7 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
 @contextlib.asynccontextmanager
 async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, model_note: str, log_dir: Path):
     port = _free_port()
-    cmd = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main(sys.argv[1:]))", "-v",
+    cmd = [sys.executable, "-m", "edtalk_live.clients.cli", "-v",
            "serve", "--weights", str(weights), "--avatar", str(avatar), "--port", str(port),
            "--backend", args.backend, "--max-sessions", str(max(args.sessions)), "--max-batch", str(args.max_batch),
            "--render-budget", str(args.render_budget)]
@@ -694,12 +693,12 @@ columns measure the pipeline, and this column says whether the mouth was rendere
 
 
 def _command_line(argv: Sequence[str] | None) -> str:
-    return shlex.join(["python", "-m", "benchmarks.latency", *(sys.argv[1:] if argv is None else argv)])
+    return shlex.join(["python", "-m", "edtalk_live.benchmarks.latency", *(sys.argv[1:] if argv is None else argv)])
 
 
 def report(rows: Sequence[dict[str, Any]], info: ServerInfo, args: argparse.Namespace, argv: Sequence[str] | None,
            audio_note: str, load_start: str, date: str) -> str:
-    from .fps import machine_description
+    from edtalk_live.benchmarks.fps import machine_description
 
     m = machine_description()
     machine = f"{m['cpu']}, {m.get('memory', '?')} RAM; Python {m['python']}; torch {m['torch']} " \
@@ -794,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("benchmarks").setLevel(logging.INFO)
     if args.audio:
-        from clients.media import load_audio
+        from edtalk_live.media.io import load_audio
 
         audio = load_audio(args.audio, RATE)[: int(args.seconds * RATE)]
         audio_note = Path(args.audio).name

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from edtalk.errors import EDTalkError
+from edtalk_live.edtalk.errors import EDTalkError
 
 __all__ = ["build_parser", "main"]
 
@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    import edtalk
-    from edtalk.weights import find_weights
-    from export.onnx import export_model
+    import edtalk_live.edtalk as edtalk
+    from edtalk_live.export.onnx import export_model
+    from edtalk_live.media.weights import find_weights
 
     weights = find_weights(args.weights)
     model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip)
@@ -214,7 +214,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from engines.trt_build import BuildOptions, build_all
+    from edtalk_live.engines.trt_build import BuildOptions, build_all
 
     engines = build_all(args.onnx, args.out, BuildOptions(fp16=args.fp16, max_batch=args.max_batch))
     for stage, path in engines.items():
@@ -223,37 +223,37 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from edtalk.align import main_prepare
+    from edtalk_live.media.align import main_prepare
 
     return main_prepare(args)
 
 
 def _run_weights(args: argparse.Namespace) -> int:
-    from edtalk.hub import main_weights
+    from edtalk_live.media.hub import main_weights
 
     return main_weights(args)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from realtime.serve import serve
+    from edtalk_live.realtime.serve import serve
 
     return serve(args)
 
 
 def _run_client(args: argparse.Namespace) -> int:
-    from .client import main_client
+    from edtalk_live.realtime.client import main_client
 
     return main_client(args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from benchmarks.fps import main as bench_main
+    from edtalk_live.benchmarks.fps import main as bench_main
 
     return bench_main(args.args)
 
 
 def _run_render(args: argparse.Namespace) -> int:
-    from .render import render_file  # imports torch and the model: only when rendering
+    from edtalk_live.avatar.render import render_file  # imports torch and the model: only when rendering
 
     summary = render_file(
         weights_dir=args.weights,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

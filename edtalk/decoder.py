@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .layers import EEM, ConstantInput, StyledConv, ToFlow, ToRGB
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.layers import EEM, ConstantInput, StyledConv, ToFlow, ToRGB
 
 
 class Synthesis(nn.Module):

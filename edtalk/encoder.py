@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .layers import ConvLayer, EqualConv2d, ResBlock
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.layers import ConvLayer, EqualConv2d, ResBlock
 
 
 class EncoderApp(nn.Module):

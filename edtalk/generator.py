@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .decoder import Synthesis
-from .encoder import Encoder
-from .motion import Direction, Motion, mlp, orthonormal_bases
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.decoder import Synthesis
+from edtalk_live.edtalk.encoder import Encoder
+from edtalk_live.edtalk.motion import Direction, Motion, mlp, orthonormal_bases
 
 
 class Generator(nn.Module):

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .audio2lip import Audio2Lip
-from .checkpoint import check_state_dict, infer_config, read_checkpoint, weights_hash
-from .config import ModelConfig
-from .errors import CheckpointError, InputError
-from .generator import Generator
-from .motion import Motion
+from edtalk_live.edtalk.audio2lip import Audio2Lip
+from edtalk_live.edtalk.checkpoint import check_state_dict, infer_config, read_checkpoint, weights_hash
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.errors import CheckpointError, InputError
+from edtalk_live.edtalk.generator import Generator
+from edtalk_live.edtalk.motion import Motion
 
 logger = logging.getLogger(__name__)
 

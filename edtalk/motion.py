@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import EqualLinear
+from edtalk_live.edtalk.layers import EqualLinear
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ import logging
 import os
 from pathlib import Path
 
-from edtalk.errors import EDTalkError
-from edtalk.model import EDTalkModel
-
-from .base import Avatar, PreparedSource, Renderer, to_uint8_numpy, to_uint8_torch
+from edtalk_live.edtalk.errors import EDTalkError
+from edtalk_live.edtalk.model import EDTalkModel
+from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_numpy, to_uint8_torch
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def available_backends() -> dict[str, str]:
 
 def ensure_onnx(model: EDTalkModel, onnx_dir: str | Path | None = None) -> Path:
     """Return an ONNX export directory for ``model``, exporting into the cache when none exists yet."""
-    from export.onnx import MANIFEST, export_model
+    from edtalk_live.export.onnx import MANIFEST, export_model
 
     if onnx_dir is not None:
         return Path(onnx_dir)
@@ -81,7 +80,7 @@ def create_renderer(backend: str, model: EDTalkModel | None = None, onnx_dir: st
     if backend == "torch":
         if model is None:
             raise EDTalkError("the torch backend needs a loaded model")
-        from .torch_backend import TorchRenderer
+        from edtalk_live.engines.torch_backend import TorchRenderer
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return TorchRenderer(model, device=dev, **options)
@@ -89,12 +88,12 @@ def create_renderer(backend: str, model: EDTalkModel | None = None, onnx_dir: st
         raise EDTalkError(f"the {backend} backend needs an ONNX export directory or a loaded model")
     onnx_path = ensure_onnx(model, onnx_dir) if onnx_dir is None else Path(onnx_dir)
     if backend == "onnxruntime":
-        from .onnxruntime_backend import OnnxRuntimeRenderer
+        from edtalk_live.engines.onnxruntime_backend import OnnxRuntimeRenderer
 
         return OnnxRuntimeRenderer(onnx_path, **options)
     reason = available_backends()["tensorrt"]
     if reason:
         raise EDTalkError(f"the tensorrt backend is not available: {reason}")
-    from .tensorrt_backend import TensorRTRenderer
+    from edtalk_live.engines.tensorrt_backend import TensorRTRenderer
 
     return TensorRTRenderer(onnx_path, device=device or "cuda", **options)

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edtalk.config import ModelConfig
-from edtalk.errors import InputError
-from edtalk.motion import Motion
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.edtalk.motion import Motion
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edtalk.config import ModelConfig
-from edtalk.errors import EDTalkError
-from edtalk.motion import Motion
-
-from .base import Avatar, PreparedSource, Renderer, to_uint8_numpy
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.errors import EDTalkError
+from edtalk_live.edtalk.motion import Motion
+from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_numpy
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edtalk.errors import InputError
+from edtalk_live.edtalk.errors import InputError
 
 logger = logging.getLogger(__name__)
 

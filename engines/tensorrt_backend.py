@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from edtalk.config import ModelConfig
-from edtalk.errors import EDTalkError, InputError
-from edtalk.motion import Motion
-
-from .base import Avatar, PreparedSource, Renderer, to_uint8_torch
-from .onnxruntime_backend import read_manifest
-from .trt_build import BuildOptions, build_all, require_tensorrt, trt_logger
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.edtalk.motion import Motion
+from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_torch
+from edtalk_live.engines.onnxruntime_backend import read_manifest
+from edtalk_live.engines.trt_build import BuildOptions, build_all, require_tensorrt, trt_logger
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from edtalk.model import EDTalkModel
-from edtalk.motion import Motion
-
-from .base import Avatar, PreparedSource, Renderer, to_uint8_torch
+from edtalk_live.edtalk.model import EDTalkModel
+from edtalk_live.edtalk.motion import Motion
+from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_torch
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class TorchRenderer(Renderer):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         if cuda and not torch.cuda.is_available():
-            from edtalk.errors import InputError
+            from edtalk_live.edtalk.errors import InputError
 
             raise InputError(f"device {device} requested but CUDA is not available")
         self.dtype = dtype or (torch.float16 if cuda else torch.float32)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edtalk.errors import EDTalkError, InputError
+from edtalk_live.edtalk.errors import EDTalkError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def build_all(onnx_dir: str | Path, out_dir: str | Path | None = None, options: 
         raise EDTalkError("TensorRT engines need a CUDA GPU, and torch.cuda.is_available() is False")
     onnx_dir = Path(onnx_dir)
     if out_dir is None:
-        from . import cache_dir
+        from edtalk_live.engines import cache_dir
 
         out_dir = cache_dir() / "tensorrt"
     out_dir = Path(out_dir)
@@ -407,7 +407,7 @@ def build_all(onnx_dir: str | Path, out_dir: str | Path | None = None, options: 
     if options.timing_cache is None:
         options = dataclasses.replace(options, timing_cache=default_timing_cache(out_dir, gpu, version))
     build = builder or build_engine
-    from .onnxruntime_backend import read_manifest
+    from edtalk_live.engines.onnxruntime_backend import read_manifest
 
     graphs = read_manifest(onnx_dir)["graphs"]
     stages = list(graphs)

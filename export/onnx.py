@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edtalk.errors import EDTalkError
-from edtalk.model import EDTalkModel
-
-from .stages import StageSpec, stage_specs
+from edtalk_live.edtalk.errors import EDTalkError
+from edtalk_live.edtalk.model import EDTalkModel
+from edtalk_live.export.stages import StageSpec, stage_specs
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ def export_model(model: EDTalkModel, out_dir: str | Path, opset: int = OPSET, si
     """
     import onnx
 
-    from .trt_compat import check_graph
+    from edtalk_live.export.trt_compat import check_graph
 
     model = model.float().cpu().eval()
     out = Path(out_dir)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edtalk.config import ModelConfig
-from edtalk.generator import Generator
-from edtalk.model import EDTalkModel
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.generator import Generator
+from edtalk_live.edtalk.model import EDTalkModel
 
 STAGES = ("encoder", "motion", "audio2lip", "expression", "decoder")
 

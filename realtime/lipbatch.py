@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .lipsync import LipFrame, StreamingLipSync
+from edtalk_live.avatar.lipsync import LipFrame, StreamingLipSync
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from edtalk.errors import EDTalkError, InputError
-from engines.base import Avatar, Renderer
+from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.engines.base import Avatar, Renderer
 
 logger = logging.getLogger(__name__)
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import torch
 
-import edtalk
-import engines
-from edtalk.errors import InputError
-from edtalk.weights import find_weights, load_preset
-
-from .avatars import AvatarStore
-from .server import AvatarServer, ServerSettings
+import edtalk_live.edtalk as edtalk
+import edtalk_live.engines as engines
+from edtalk_live.avatar.store import AvatarStore
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.media.weights import find_weights, load_preset
+from edtalk_live.realtime.server import AvatarServer, ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +24,10 @@ def _read_pose_clip(renderer: engines.Renderer, path: str | Path, align: bool = 
     """
     import numpy as np
 
-    from clients import media
+    from edtalk_live.media import io as media
 
     if align:
-        from edtalk.align import crop_clip
+        from edtalk_live.media.align import crop_clip
 
         frames = list(crop_clip(path, renderer.config.size, fps=25))
     else:
@@ -43,7 +42,7 @@ def _aligner(enabled: bool):
     """The face aligner used for avatars (``None`` = take images as given)."""
     if not enabled:
         return None
-    from edtalk.align import align_image
+    from edtalk_live.media.align import align_image
 
     def align(rgb, size):
         a = align_image(rgb, size=size)
@@ -86,7 +85,7 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
 def default_avatar() -> Path:
     """The portrait shipped with the package (used when no avatar is given)."""
     try:
-        from edtalk.assets import DEFAULT_AVATAR
+        from edtalk_live.avatar.assets import DEFAULT_AVATAR
     except ImportError:
         raise InputError("no avatar given (--avatar IMAGE or --avatars DIR)") from None
     return DEFAULT_AVATAR

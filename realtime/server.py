@@ -9,6 +9,7 @@ module globals; a failing session closes only its own peer connection.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import logging
 import time
@@ -21,16 +22,16 @@ import numpy as np
 import torch
 from aiohttp import web
 
-from edtalk.errors import EDTalkError, InputError
-from engines.base import Renderer
-
-from .lipbatch import LipBatcher
-from .scheduler import FrameScheduler
-from .session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
+from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.engines.base import Renderer
+from edtalk_live.realtime.lipbatch import LipBatcher
+from edtalk_live.realtime.scheduler import FrameScheduler
+from edtalk_live.realtime.session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parents[1] / "clients" / "web"
+#: the browser page, package data of this package
+WEB_DIR = Path(str(importlib.resources.files("edtalk_live.realtime") / "web"))
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,7 @@ class AvatarServer:
         assets = self.avatars[name]
         if assets.photo is None:
             raise InputError(f"avatar {name!r} has no photo to paste back into")
-        from engines.pasteback import PasteBack
+        from edtalk_live.engines.pasteback import PasteBack
 
         photo = assets.photo
         h, w = photo.shape[:2]

@@ -25,15 +25,14 @@ import av
 import numpy as np
 import torch
 
-from edtalk.errors import InputError
-from engines.base import PreparedSource, Renderer
-
-from .audio_in import RATE, AudioInput
-from .lipbatch import LipBatcher
-from .lipsync import LipFrame, LipSyncConfig, StreamingLipSync
-from .motion import ExpressionState, PoseSource
-from .scheduler import FrameDropped, FrameScheduler
-from .tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
+from edtalk_live.avatar.lipsync import LipFrame, LipSyncConfig, StreamingLipSync
+from edtalk_live.avatar.motion import ExpressionState, PoseSource
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.engines.base import PreparedSource, Renderer
+from edtalk_live.realtime.audio_in import RATE, AudioInput
+from edtalk_live.realtime.lipbatch import LipBatcher
+from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler
+from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
 
 logger = logging.getLogger(__name__)
 

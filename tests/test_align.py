@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edtalk import align
-from edtalk.assets import DEFAULT_AVATAR
-from edtalk.errors import EDTalkError, InputError
+from edtalk_live.avatar.assets import DEFAULT_AVATAR
+from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.media import align
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TESTDATA = SHARED / "testdata" / "edtalk"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from edtalk import audio
-from edtalk.errors import InputError
+from edtalk_live.edtalk import audio
+from edtalk_live.edtalk.errors import InputError
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "edtalk_s64.pt"
 

@@ -7,7 +7,7 @@ import fractions
 import av
 import numpy as np
 
-from realtime.audio_in import RATE, AudioInput, SampleRing
+from edtalk_live.realtime.audio_in import RATE, AudioInput, SampleRing
 
 
 def _frame(samples: np.ndarray, pts: int, rate: int, layout: str = "mono") -> av.AudioFrame:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import edtalk
-import engines
-from edtalk.weights import find_weights
-from realtime.avatars import AvatarStore
+import edtalk_live.edtalk as edtalk
+import edtalk_live.engines as engines
+from edtalk_live.avatar.store import AvatarStore
+from edtalk_live.media.weights import find_weights
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, renderer, face_image):
 def test_source_export_import_between_backends(renderer, face_image):
     """A cached source (host arrays) imports into the ONNX Runtime backend and renders the same frame."""
     r, model = renderer
-    from clients.media import load_image
+    from edtalk_live.media.io import load_image
 
     img = load_image(face_image, model.config.size)
     src = r.prepare_source(img)

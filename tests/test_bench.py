@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import fps
+from edtalk_live.benchmarks import fps
 
 FAST = ["--configs", "tiny", "--iters", "1", "--min-time", "0", "--max-time", "1", "--warmup", "1"]
 
@@ -28,7 +28,7 @@ def test_table_rows_and_reference_check(capsys, tmp_path):
     assert fps.main([*FAST, "--batches", "1,2", "--backends", "torch", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^Machine: .*torch ", out, re.M)
-    assert "Command: `python -m benchmarks.fps --configs tiny" in out
+    assert "Command: `python -m edtalk_live.benchmarks.fps --configs tiny" in out
 
     rows = _rows(out)
     ref = "reference (published per-frame path)"

@@ -270,8 +270,8 @@ def test_browser_page_streams_and_controls(tmp_path: Path, edtalk_weights: Path,
                                            speech: np.ndarray) -> None:
     import aiohttp
 
-    from realtime.serve import build_server
-    from realtime.server import ServerSettings
+    from edtalk_live.realtime.serve import build_server
+    from edtalk_live.realtime.server import ServerSettings
 
     _require_working_chromium()
     _free_port_check()

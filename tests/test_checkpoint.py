@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import edtalk
-from edtalk.audio2lip import Audio2Lip
-from edtalk.generator import Generator
+import edtalk_live.edtalk as edtalk
+from edtalk_live.edtalk.audio2lip import Audio2Lip
+from edtalk_live.edtalk.generator import Generator
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtures not found at {FIXTURES}")

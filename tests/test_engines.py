@@ -11,10 +11,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import edtalk
-import engines
-from export.onnx import export_model, read_metadata
-from export.trt_compat import check_graph
+import edtalk_live.edtalk as edtalk
+import edtalk_live.engines as engines
+from edtalk_live.export.onnx import export_model, read_metadata
+from edtalk_live.export.trt_compat import check_graph
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtures not found at {FIXTURES}")
@@ -208,7 +208,7 @@ def test_expression_cache_is_lru(setup):
     d, model, _, _ = setup
     if not model.has_expression:
         pytest.skip("lip_pose family has no expression")
-    from engines.base import EXPRESSION_CACHE_SIZE
+    from edtalk_live.engines.base import EXPRESSION_CACHE_SIZE
 
     r = engines.create_renderer("torch", model=model, device="cpu")
     src = r.prepare_source(d["inputs"]["source"])

@@ -20,11 +20,11 @@ import pytest
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-import edtalk
-from edtalk import hub
-from edtalk.checkpoint import weights_hash
-from edtalk.errors import CheckpointError, EDTalkError, InputError
-from edtalk.weights import default_weights_dir, find_weights
+import edtalk_live.edtalk as edtalk
+from edtalk_live.edtalk.checkpoint import weights_hash
+from edtalk_live.edtalk.errors import CheckpointError, EDTalkError, InputError
+from edtalk_live.media import hub
+from edtalk_live.media.weights import default_weights_dir, find_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -269,8 +269,8 @@ def test_offline_in_a_fresh_process(tmp_path: Path):
            "EDTALK_LIVE_WEIGHTS": str(dest)}
     code = (
         "import argparse, sys\n"
-        "from edtalk.hub import main_weights\n"
-        "from edtalk.errors import EDTalkError\n"
+        "from edtalk_live.media.hub import main_weights\n"
+        "from edtalk_live.edtalk.errors import EDTalkError\n"
         "try:\n"
         "    main_weights(argparse.Namespace(action='download', dir=None))\n"
         "except EDTalkError as e:\n"

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from benchmarks import latency
-from clients.client import ClientResult
-from realtime.session import paint_index
+from edtalk_live.benchmarks import latency
+from edtalk_live.realtime.client import ClientResult
+from edtalk_live.realtime.session import paint_index
 
 RATE = 16_000
 VOICE_RATE = 48_000
@@ -101,7 +101,8 @@ def test_smoke_one_session_on_loopback(capsys, tmp_path, edtalk_weights, face_im
                          "--seconds", "3", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert re.search(r"^Machine: .*torch ", out, re.M) and "Command: `python -m benchmarks.latency --weights" in out
+    assert re.search(r"^Machine: .*torch ", out, re.M)
+    assert "Command: `python -m edtalk_live.benchmarks.latency --weights" in out
     assert "| sessions | video latency p50 (ms) |" in out
     cols = _row(out, 1)
     assert all(c != "—" for c in cols[1:8]), cols

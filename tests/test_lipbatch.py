@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from realtime.lipbatch import LipBatcher, pop_many
-from realtime.lipsync import LipSyncConfig, StreamingLipSync
+from edtalk_live.avatar.lipsync import LipSyncConfig, StreamingLipSync
+from edtalk_live.realtime.lipbatch import LipBatcher, pop_many
 
 
 class CountingA2L:

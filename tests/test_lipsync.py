@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import edtalk
-from edtalk import audio
-from edtalk.errors import InputError
-from realtime.lipsync import LipFrame, LipSyncConfig, StreamingLipSync, StreamingMel
+import edtalk_live.edtalk as edtalk
+from edtalk_live.avatar.lipsync import LipFrame, LipSyncConfig, StreamingLipSync, StreamingMel
+from edtalk_live.edtalk import audio
+from edtalk_live.edtalk.errors import InputError
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "edtalk_s64.pt"
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clients import media
-from edtalk.errors import InputError
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.media import io as media
 
 SR = 16000
 

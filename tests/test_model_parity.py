@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import edtalk
+import edtalk_live.edtalk as edtalk
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"parity fixtures not found at {FIXTURES}")

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edtalk.errors import InputError
-from engines.pasteback import PasteBack
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.engines.pasteback import PasteBack
 
 S = 64
 FEATHER = 0.1

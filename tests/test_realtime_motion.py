@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from clients.render import pingpong
-from edtalk.errors import InputError
-from realtime.motion import MODES, ExpressionState, PoseSource
+from edtalk_live.avatar.motion import MODES, ExpressionState, PoseSource
+from edtalk_live.avatar.render import pingpong
+from edtalk_live.edtalk.errors import InputError
 
 FPS = 25
 FADE = 8  # 300 ms at 25 fps

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import edtalk
-from clients import media
-from clients.cli import main
-from clients.render import _lip_from_audio, pingpong
-from edtalk.errors import CheckpointError, InputError
-from edtalk.weights import find_weights, load_preset
-from engines.torch_backend import TorchRenderer
+import edtalk_live.edtalk as edtalk
+from edtalk_live.avatar.render import _lip_from_audio, pingpong
+from edtalk_live.clients.cli import main
+from edtalk_live.edtalk.errors import CheckpointError, InputError
+from edtalk_live.engines.torch_backend import TorchRenderer
+from edtalk_live.media import io as media
+from edtalk_live.media.weights import find_weights, load_preset
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = edtalk.audio.SAMPLE_RATE
@@ -318,7 +318,7 @@ def test_export_command(tmp_path, edtalk_weights, capsys):
 
 def test_module_entry_point_exit_codes(tmp_path, lip_pose_weights, face_image, clips):
     out = tmp_path / "proc.mp4"
-    base = [sys.executable, "-m", "clients.cli", "render", "--weights", str(lip_pose_weights)]
+    base = [sys.executable, "-m", "edtalk_live.clients.cli", "render", "--weights", str(lip_pose_weights)]
     base += ["--image", str(face_image), "--out", str(out), "--no-progress"]
     ok = subprocess.run([*base, "--audio", str(clips["wav_1_23s"])], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from edtalk.errors import InputError
-from realtime.scheduler import FrameDropped, FrameScheduler, SchedulerClosed, SchedulerStats
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler, SchedulerClosed, SchedulerStats
 
 SIZE = 4
 
@@ -503,9 +503,9 @@ def test_parser_rejects_malformed_lines():
 
 
 def test_scheduled_frames_match_direct_torch_render():
-    import engines
-    from edtalk import ModelConfig
-    from edtalk.model import EDTalkModel
+    import edtalk_live.engines as engines
+    from edtalk_live.edtalk import ModelConfig
+    from edtalk_live.edtalk.model import EDTalkModel
 
     torch.manual_seed(0)
     config = ModelConfig(family="edtalk", size=32, widths=(16, 16, 8, 8), style_dim=64, eem_hidden=16)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from aiohttp import web
 
-from clients.client import run_client
-from realtime.serve import build_server
-from realtime.server import ServerSettings
-from realtime.session import Session, SessionOptions
+from edtalk_live.realtime.client import run_client
+from edtalk_live.realtime.serve import build_server
+from edtalk_live.realtime.server import ServerSettings
+from edtalk_live.realtime.session import Session, SessionOptions
 
 pytestmark = pytest.mark.slow
 
@@ -210,12 +210,12 @@ def test_session_limit_answers_503(edtalk_weights, face_image, speech):
 
 def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech):
     """The session pipeline (lip sync in sliding windows, scheduler) gives the offline renderer's frames."""
-    import edtalk
-    from clients import media
-    from edtalk.weights import find_weights, load_preset
-    from engines import create_renderer
-    from realtime.avatars import prepare_avatar
-    from realtime.scheduler import FrameScheduler
+    import edtalk_live.edtalk as edtalk
+    from edtalk_live.avatar.store import prepare_avatar
+    from edtalk_live.engines import create_renderer
+    from edtalk_live.media import io as media
+    from edtalk_live.media.weights import find_weights, load_preset
+    from edtalk_live.realtime.scheduler import FrameScheduler
 
     frames_n = 40
     wav = speech[: frames_n * 640]
@@ -261,12 +261,12 @@ def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech
 
 def test_silence_gives_resting_mouth(edtalk_weights, face_image):
     """No audio at all: frames are rendered from silence with the rest mouth, steadily at 25 fps."""
-    import edtalk
-    from clients import media
-    from edtalk.weights import find_weights
-    from engines import create_renderer
-    from realtime.avatars import prepare_avatar
-    from realtime.scheduler import FrameScheduler
+    import edtalk_live.edtalk as edtalk
+    from edtalk_live.avatar.store import prepare_avatar
+    from edtalk_live.engines import create_renderer
+    from edtalk_live.media import io as media
+    from edtalk_live.media.weights import find_weights
+    from edtalk_live.realtime.scheduler import FrameScheduler
 
     w = find_weights(edtalk_weights)
     model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)

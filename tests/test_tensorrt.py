@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from edtalk.errors import EDTalkError, InputError
-from engines import trt_build
-from engines.trt_build import (
+from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.engines import trt_build
+from edtalk_live.engines.trt_build import (
     BuildOptions,
     EngineBuildError,
     batch_axis_name,
@@ -90,14 +90,14 @@ def test_missing_tensorrt_is_one_clear_line(monkeypatch, tmp_path):
         build_all(tmp_path)
     with pytest.raises(EDTalkError, match=r"edtalk-live\[tensorrt\]"):
         build_engine(tmp_path / "x.onnx", tmp_path / "x.engine")
-    from engines.tensorrt_backend import TensorRTRenderer
+    from edtalk_live.engines.tensorrt_backend import TensorRTRenderer
 
     with pytest.raises(EDTalkError, match=r"edtalk-live\[tensorrt\]"):
         TensorRTRenderer(tmp_path)
 
 
 def test_renderer_needs_cuda(monkeypatch, tmp_path):
-    from engines import tensorrt_backend
+    from edtalk_live.engines import tensorrt_backend
 
     monkeypatch.setattr(tensorrt_backend, "require_tensorrt", lambda: SimpleNamespace(__version__="10.0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -545,7 +545,7 @@ def test_fake_build_all_caches_engines(fake_trt, tmp_path):
 
 
 def test_fake_runner_binds_tensors(fake_trt, tmp_path):
-    from engines.tensorrt_backend import TRTEngine
+    from edtalk_live.engines.tensorrt_backend import TRTEngine
 
     fake_trt()
     path = build_engine(_onnx_graph(tmp_path / "decoder.onnx"), tmp_path / "decoder.engine",
@@ -583,8 +583,8 @@ def _require_trt_gpu():
 def exported(tmp_path_factory):
     """(fixture dict, CPU fp32 model, ONNX export dir) for the edtalk size-64 parity fixture."""
     _require_trt_gpu()
-    import edtalk
-    from export.onnx import export_model
+    import edtalk_live.edtalk as edtalk
+    from edtalk_live.export.onnx import export_model
 
     d = torch.load(FIXTURES / "edtalk_s64.pt", weights_only=True)
     model = edtalk.load_model(d["checkpoint"], audio2lip=d["audio2lip_checkpoint"])
@@ -599,7 +599,7 @@ def engine_cache(tmp_path_factory):
 
 
 def _renderer(onnx_dir, cache, fp16):
-    from engines.tensorrt_backend import TensorRTRenderer
+    from edtalk_live.engines.tensorrt_backend import TensorRTRenderer
 
     return TensorRTRenderer(onnx_dir, fp16=fp16, max_batch=8, opt_batch=4, cache_dir=cache, progress=False)
 

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from realtime.tracks import (
+from edtalk_live.realtime.tracks import (
     AUDIO_RATE,
     AUDIO_SAMPLES,
     TICKS_PER_FRAME,

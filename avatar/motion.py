@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edtalk.errors import InputError
+from edtalk_live.edtalk.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from edtalk.errors import EDTalkError, InputError
-
-from .media import load_audio
+from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.media.io import load_audio
 
 logger = logging.getLogger(__name__)
 

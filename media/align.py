@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import EDTalkError, InputError
+from edtalk_live.edtalk.errors import EDTalkError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -36,12 +36,12 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, list_repo_files, scan_cache_dir
 from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-from .audio2lip import Audio2Lip
-from .checkpoint import check_state_dict, infer_config, read_checkpoint, weights_hash
-from .config import ModelConfig
-from .errors import CheckpointError, EDTalkError, InputError
-from .generator import Generator
-from .weights import (
+from edtalk_live.edtalk.audio2lip import Audio2Lip
+from edtalk_live.edtalk.checkpoint import check_state_dict, infer_config, read_checkpoint, weights_hash
+from edtalk_live.edtalk.config import ModelConfig
+from edtalk_live.edtalk.errors import CheckpointError, EDTalkError, InputError
+from edtalk_live.edtalk.generator import Generator
+from edtalk_live.media.weights import (
     AUDIO2LIP_FILE,
     EDTALK_FILE,
     LIP_POSE_FILE,

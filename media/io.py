@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from edtalk.errors import EDTalkError, InputError
+from edtalk_live.edtalk.errors import EDTalkError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def iter_video_frames(
     """
     from itertools import islice
 
-    from edtalk.align import iter_video
+    from edtalk_live.media.align import iter_video
 
     path = _existing_file(path, "video file")
     for frame in islice(iter_video(path, fps), max_frames):

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edtalk.errors import EDTalkError, InputError
-from engines.base import Renderer
-
-from .session import AvatarAssets
+from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.engines.base import Renderer
+from edtalk_live.realtime.session import AvatarAssets
 
 logger = logging.getLogger(__name__)
 

@@ -25,13 +25,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import edtalk
-import engines
-from edtalk import audio as edtalk_audio
-from edtalk.errors import InputError
-from edtalk.weights import WeightFiles, find_weights, load_preset
-
-from . import media
+import edtalk_live.edtalk as edtalk
+import edtalk_live.engines as engines
+from edtalk_live.edtalk import audio as edtalk_audio
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.media import io as media
+from edtalk_live.media.weights import WeightFiles, find_weights, load_preset
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def _validate(
     if paste_back and image is None:
         raise InputError("--paste-back needs --image (the photo to paste the face back into)")
     if image is None:
-        from edtalk.assets import DEFAULT_AVATAR
+        from edtalk_live.avatar.assets import DEFAULT_AVATAR
 
         image = DEFAULT_AVATAR
     img = media.open_image(image)
@@ -142,7 +141,7 @@ def _validate(
     photo = np.asarray(img.convert("RGB"))
     alignment = None
     if align:
-        from edtalk.align import align_image
+        from edtalk_live.media.align import align_image
 
         alignment = align_image(photo, size=256, face=face, name=str(image))   # detection: fails fast
     elif face:
@@ -168,7 +167,7 @@ def _identity_crop(inputs: _Inputs, size: int) -> tuple[np.ndarray, np.ndarray]:
     if a is None or a.already_aligned:
         crop = np.asarray(inputs.image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
         return crop, np.array([[size / w, 0, 0.5 * size / w - 0.5], [0, size / h, 0.5 * size / h - 0.5]])
-    from edtalk.align import warp_image
+    from edtalk_live.media.align import warp_image
 
     matrix = np.asarray(a.matrix, np.float64) * (size / a.size)     # the 256 alignment, scaled to the model size
     matrix[:, 2] += 0.5 * (size / a.size) - 0.5                      # pixel centres stay pixel centres
@@ -210,7 +209,7 @@ def _motion_from_video(
     if align:
         import itertools
 
-        from edtalk.align import crop_clip
+        from edtalk_live.media.align import crop_clip
 
         source = itertools.islice(crop_clip(path, size, fps=edtalk_audio.FPS), frames)
     else:
@@ -323,7 +322,7 @@ def render_file(
         fixed = renderer.prepare_expression(src, exp) if exp is None or exp.shape[0] == 1 else None
         paste = None
         if paste_back:
-            from engines.pasteback import PasteBack
+            from edtalk_live.engines.pasteback import PasteBack
 
             h, w = inputs.photo.shape[:2]
             photo = inputs.photo[: h - h % 2, : w - w % 2]          # yuv420p needs even sizes

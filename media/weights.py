@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError, InputError
+from edtalk_live.edtalk.errors import CheckpointError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from typing import Final, Literal
 import numpy as np
 import torch
 
-from edtalk.audio import (
+from edtalk_live.edtalk.audio import (
     DEFAULT_MEL_CONFIG,
     MEL_STEP,
     SAMPLE_RATE,
@@ -57,7 +57,7 @@ from edtalk.audio import (
     window_start,
     window_starts,
 )
-from edtalk.errors import InputError
+from edtalk_live.edtalk.errors import InputError
 
 logger = logging.getLogger(__name__)
 
