@@ -6,8 +6,8 @@ thread produces its frames.
 * :class:`PoseSource` gives pose coefficients ``[6]``: the avatar's own pose (``still``), a driving clip's
   pre-read coefficients played forward and backward (``clip``), or a built-in idle motion (``idle``:
   smooth, small, livelier while speaking). Switching mode cross-fades over about 300 ms, never jumps.
-* :class:`ExpressionState` gives expression coefficients ``[1,10]`` (or ``None`` for the avatar's own,
-  unmodulated expression): an emotion at an intensity, changes blended over about 300 ms in a fixed
+* :class:`ExpressionState` gives expression coefficients ``[1,10]`` (the avatar's own expression when no
+  emotion is chosen, as ``render`` does): an emotion at an intensity, changes blended over about 300 ms in a fixed
   number of steps, then the exact same target every frame so the renderer's per-expression cache hits.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edtalk_live.avatar.prepare import effective_expression
 from edtalk_live.edtalk.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,17 @@ def blend_frames(ms: float, fps: float = FPS) -> int:
     if not math.isfinite(fps) or fps <= 0:
         raise InputError(f"fps must be a positive number, got {fps}")
     return 0 if ms == 0 else max(1, round(ms * fps / 1000.0))
+
+
+def check_intensity(intensity: float) -> float:
+    """An emotion's intensity as a float in ``[0, 2]``, or a one-line :class:`InputError`."""
+    try:
+        x = float(intensity)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"intensity must be a number in [0, {MAX_INTENSITY:g}], got {intensity!r}") from e
+    if not 0.0 <= x <= MAX_INTENSITY:  # also rejects NaN
+        raise InputError(f"intensity must be in [0, {MAX_INTENSITY:g}], got {intensity!r}")
+    return x
 
 
 def _smoothstep(x: float) -> float:
@@ -354,8 +366,8 @@ class ExpressionState:
 
     ``rest [1,10]`` (or ``[10]``) is the avatar's own expression, read from the identity image. The
     effective expression of an emotion ``target [1,10]`` at ``intensity`` in ``[0, 2]`` is
-    ``rest + intensity * (target - rest)``; ``target=None`` means "no expression": :meth:`next` then
-    returns ``None`` (the renderer's unmodulated avatar) once settled, and blends go through ``rest``.
+    ``rest + intensity * (target - rest)``; ``target=None`` means "no emotion": the avatar's own expression
+    ``rest`` (:func:`~edtalk_live.avatar.prepare.effective_expression`, shared with ``render``).
 
     A change blends from the value last returned to the new one over ``blend_ms`` (8 frames at 300 ms and
     25 fps), along ``curve`` (``linear`` or ``smoothstep``): exactly one value per frame, the last one the
@@ -371,7 +383,7 @@ class ExpressionState:
         blend_ms: float = 300.0,
         curve: str = "smoothstep",
     ):
-        """Start settled on ``emotion`` (``None``: no expression) at ``intensity``, without a blend."""
+        """Start settled on ``emotion`` (``None``: the avatar's own) at ``intensity``, without a blend."""
         rest = torch.as_tensor(rest)
         if rest.ndim == 1:
             rest = rest[None]
@@ -381,9 +393,9 @@ class ExpressionState:
         blend_frames(blend_ms, fps)  # validates both
         self.curve = _check_curve(curve)
         self._emotion = self._check_emotion(emotion)
-        self._intensity = self._check_intensity(intensity)
-        self._target = self._effective()  # effective target, None = no expression
-        self._start: torch.Tensor | None = None  # blend start (numeric)
+        self._intensity = check_intensity(intensity)
+        self._target = self._effective()  # the effective target
+        self._start = self._target  # blend start
         self._steps = 0
         self._j = 0
         self._last = self._target  # the value shown at the last frame (before any: the initial one)
@@ -396,7 +408,7 @@ class ExpressionState:
 
     @property
     def emotion(self) -> torch.Tensor | None:
-        """The emotion ``[1,10]`` being shown (or blended to), ``None`` for no expression."""
+        """The emotion ``[1,10]`` being shown (or blended to), ``None`` for the avatar's own expression."""
         return None if self._emotion is None else self._emotion.clone()
 
     @property
@@ -406,8 +418,8 @@ class ExpressionState:
 
     @property
     def target(self) -> torch.Tensor | None:
-        """The effective expression ``[1,10]`` being shown (or blended to), ``None`` for no expression."""
-        return None if self._target is None else self._target.clone()
+        """The effective expression ``[1,10]`` being shown (or blended to)."""
+        return self._target.clone()
 
     @property
     def settled(self) -> bool:
@@ -416,17 +428,17 @@ class ExpressionState:
 
     # -------------------------------------------------------------------- changes
     def set_emotion(self, target: torch.Tensor | None, intensity: float = 1.0, blend_ms: float | None = None) -> None:
-        """Show emotion ``target [1,10]`` (or ``[10]``; ``None`` = no expression) at ``intensity`` in ``[0, 2]``,
+        """Show emotion ``target [1,10]`` (or ``[10]``; ``None`` = the avatar's own) at ``intensity`` in ``[0, 2]``,
         blended over ``blend_ms`` (default: the constructor's, 300 ms; 0 = at once)."""
         target = self._check_emotion(target)
-        intensity = self._check_intensity(intensity)
+        intensity = check_intensity(intensity)
         steps = blend_frames(self.blend_ms if blend_ms is None else blend_ms, self.fps)
         self._emotion, self._intensity = target, intensity
         self._retarget(steps)
 
     def set_intensity(self, intensity: float, blend_ms: float | None = None) -> None:
         """Change the intensity (in ``[0, 2]``) of the current emotion, blended like :meth:`set_emotion`."""
-        intensity = self._check_intensity(intensity)
+        intensity = check_intensity(intensity)
         steps = blend_frames(self.blend_ms if blend_ms is None else blend_ms, self.fps)
         self._intensity = intensity
         self._retarget(steps)
@@ -438,43 +450,27 @@ class ExpressionState:
         t = torch.as_tensor(target)
         return _coeffs(t[None] if t.ndim == 1 else t, (1, EXP_DIM), "emotion")
 
-    @staticmethod
-    def _check_intensity(intensity: float) -> float:
-        try:
-            x = float(intensity)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"intensity must be a number in [0, {MAX_INTENSITY:g}], got {intensity!r}") from e
-        if not 0.0 <= x <= MAX_INTENSITY:  # also rejects NaN
-            raise InputError(f"intensity must be in [0, {MAX_INTENSITY:g}], got {intensity!r}")
-        return x
-
-    def _effective(self) -> torch.Tensor | None:
-        if self._emotion is None:
-            return None
-        if self._intensity == 1.0:
-            return self._emotion.clone()
-        return self._rest + self._intensity * (self._emotion - self._rest)
+    def _effective(self) -> torch.Tensor:
+        return effective_expression(self._rest, self._emotion, self._intensity)
 
     def _retarget(self, steps: int) -> None:
         new = self._effective()
         current = self._last
-        same = (new is None and current is None) or (
-            new is not None and current is not None and torch.equal(new, current))
         self._target = new
-        if same or steps == 0:
+        if torch.equal(new, current) or steps == 0:
             self._steps = self._j = 0
             return
-        self._start = self._rest if current is None else current
+        self._start = current
         self._steps, self._j = steps, 0
 
-    def next(self) -> torch.Tensor | None:
-        """The expression ``[1,10]`` (float32) for the next frame, or ``None`` when settled on no expression."""
+    def next(self) -> torch.Tensor:
+        """The expression ``[1,10]`` (float32) for the next frame."""
         if self._j < self._steps:
             self._j += 1
             if self._j < self._steps:
-                end = self._rest if self._target is None else self._target
+                end = self._target
                 w = _ease(self._j / self._steps, self.curve)
                 self._last = self._start + w * (end - self._start)
                 return self._last.clone()
-        self._last = None if self._target is None else self._target
-        return None if self._last is None else self._last.clone()
+        self._last = self._target
+        return self._last.clone()

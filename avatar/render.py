@@ -2,13 +2,17 @@
 
 Pipeline (everything once, except the decoder which runs per batch of frames)::
 
-    image --encode--> Source (once)          audio --mel--> windows --Audio2Lip--> smooth --> lip [T,20]
-    pose video / the image itself --read_motion--> pose [T,6] or [1,6]
-    emotion preset / exp video / the image itself --> exp [1,10] or [T,10]   (EDTalk.pt family only)
-    render(src, lip, pose, exp) in batches --> uint8 frames --> H.264 + AAC mp4 (streamed, atomic)
+    image --read_face--> photo + alignment --prepare_avatar--> source, own pose/mouth/expression (once)
+    audio --lips_for_audio--> lip [T,20]      (the live session's streaming lip sync, same look-ahead)
+    pose video / the image itself --> pose [T,6]
+    emotion at an intensity / exp video / the image itself --> exp [1,10] or [T,10]   (EDTalk.pt family only)
+    render(avatar, lip, pose) in batches --> uint8 frames --> H.264 + AAC mp4 (streamed, atomic)
 
-T is the number of whole 25 fps frames in the audio (640 samples each); the audio written to the
-mp4 is cut to exactly those frames, so picture and sound have the same length.
+The avatar, the mouth and the expression come from the same code a live session uses
+(:mod:`edtalk_live.avatar.prepare`, :mod:`edtalk_live.avatar.speech`), so a session streams the
+frames this writes for the same photo, audio and options. T is the number of whole 25 fps frames in
+the audio (640 samples each); the audio written to the mp4 is cut to exactly those frames, so picture
+and sound have the same length.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import edtalk_live.edtalk as edtalk
 import edtalk_live.engines as engines
+from edtalk_live.avatar.driving import pingpong, read_clip_motion
+from edtalk_live.avatar.motion import check_intensity
+from edtalk_live.avatar.prepare import FaceImage, make_paste_back, prepare_avatar, read_face
+from edtalk_live.avatar.speech import lips_for_audio, lipsync_config
 from edtalk_live.edtalk import audio as edtalk_audio
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.media import io as media
@@ -34,7 +41,7 @@ from edtalk_live.media.weights import WeightFiles, find_weights, load_preset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RenderSummary", "pingpong", "render_file"]
+__all__ = ["RenderSummary", "pingpong", "render_file"]  # pingpong: re-exported from avatar.driving
 
 
 @dataclass(frozen=True)
@@ -49,37 +56,16 @@ class RenderSummary:
     elapsed: float  # wall-clock seconds, validation to the finished file
 
 
-def pingpong(seq: torch.Tensor, length: int) -> torch.Tensor:
-    """Extend (or cut) a sequence ``[N,...]`` to ``[length,...]`` by playing it forward then backward.
-
-    Index order ``0, 1, .., N-1, N-2, .., 1, 0, 1, ..``: no jump at the turning points, so a short
-    pose or expression clip loops smoothly.
-    """
-    n = seq.shape[0]
-    if n == 0:
-        raise ValueError("cannot extend an empty sequence")
-    if length <= n:
-        return seq[:length]
-    if n == 1:
-        return seq.expand(length, *seq.shape[1:])
-    period = 2 * n - 2
-    k = torch.arange(length) % period
-    index = torch.where(k < n, k, period - k)
-    return seq[index.to(seq.device)]
-
-
 @dataclass(frozen=True)
 class _Inputs:
     """Validated inputs, decoded before the model is loaded."""
 
     weights: WeightFiles
-    image: Image.Image
-    photo: np.ndarray                      # uint8 [H,W,3] RGB of the identity image
-    alignment: object | None               # edtalk.align.Alignment at 256 (None with align=False)
-    wav: np.ndarray
+    face: FaceImage                        # the photo, upright, and its face
+    wav: np.ndarray                        # 16 kHz mono, the whole file
     frames: int
     device: torch.device
-    preset: torch.Tensor | None  # [1,10] expression coefficients of --emotion
+    preset: torch.Tensor | None            # [1,10] expression coefficients of --emotion
 
 
 def _validate(
@@ -97,12 +83,17 @@ def _validate(
     align: bool = True,
     face: int = 0,
     paste_back: bool = False,
+    intensity: float | None = None,
 ) -> _Inputs:
     """Check every input cheaply, in the order a user would fix them; raise a one-line error."""
     if pose_video is not None and still:
         raise InputError("--pose-video and --still cannot be used together")
     if emotion is not None and exp_video is not None:
         raise InputError("--emotion and --exp-video cannot be used together")
+    if intensity is not None:
+        if emotion is None:
+            raise InputError("--intensity scales an emotion: it needs --emotion NAME")
+        check_intensity(intensity)
     if backend not in engines.BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(engines.BACKENDS)}")
     reason = engines.available_backends().get(backend, "")
@@ -130,22 +121,7 @@ def _validate(
 
     if paste_back and image is None:
         raise InputError("--paste-back needs --image (the photo to paste the face back into)")
-    if image is None:
-        from edtalk_live.avatar.assets import DEFAULT_AVATAR
-
-        image = DEFAULT_AVATAR
-    img = media.open_image(image)
-    from PIL import ImageOps
-
-    img = ImageOps.exif_transpose(img)          # phones store photos sideways with an EXIF rotation
-    photo = np.asarray(img.convert("RGB"))
-    alignment = None
-    if align:
-        from edtalk_live.media.align import align_image
-
-        alignment = align_image(photo, size=256, face=face, name=str(image))   # detection: fails fast
-    elif face:
-        raise InputError("--face needs alignment (drop --no-align)")
+    face_image = read_face(image, align=align, face=face)        # EXIF, detection: fails fast
     wav = media.load_audio(audio, sample_rate=edtalk_audio.SAMPLE_RATE)
     frames = edtalk_audio.num_frames(len(wav))
     if frames == 0:
@@ -156,81 +132,12 @@ def _validate(
     for video in (pose_video, exp_video):
         if video is not None:
             media.probe_video(video)
-    return _Inputs(weights=weights, image=img, photo=photo, alignment=alignment, wav=wav, frames=frames, device=dev,
-                   preset=preset)
-
-
-def _identity_crop(inputs: _Inputs, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The network input ``uint8 [S,S,3]`` and the 2x3 photo -> crop matrix."""
-    h, w = inputs.photo.shape[:2]
-    a = inputs.alignment
-    if a is None or a.already_aligned:
-        crop = np.asarray(inputs.image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
-        return crop, np.array([[size / w, 0, 0.5 * size / w - 0.5], [0, size / h, 0.5 * size / h - 0.5]])
-    from edtalk_live.media.align import warp_image
-
-    matrix = np.asarray(a.matrix, np.float64) * (size / a.size)     # the 256 alignment, scaled to the model size
-    matrix[:, 2] += 0.5 * (size / a.size) - 0.5                      # pixel centres stay pixel centres
-    return warp_image(inputs.photo, matrix, size), matrix
-
-
-@torch.inference_mode()
-def _lip_from_audio(renderer: engines.Renderer, wav: np.ndarray, frames: int) -> torch.Tensor:
-    """16 kHz audio cut to ``frames`` frames -> smoothed mouth coefficients ``[T,20]``."""
-    windows = edtalk_audio.mel_windows(edtalk_audio.melspectrogram(wav), frames)
-    return edtalk_audio.smooth(renderer.audio_to_lip(windows))
-
-
-@torch.inference_mode()
-def _motion_from_video(
-    renderer: engines.Renderer,
-    path: str | os.PathLike[str],
-    frames: int,
-    batch_size: int,
-    align: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pose ``[T,6]`` and expression ``[T,10]`` (or None) of a driving clip, ping-pong extended to T.
-
-    With ``align`` the clip is cropped with one fixed square box around the face over the whole clip
-    (never frame by frame, which would erase the head motion); otherwise it is only resized.
-    """
-    size = renderer.config.size
-    poses: list[torch.Tensor] = []
-    exps: list[torch.Tensor] = []
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        motion = renderer.read_motion(media.uint8_to_tensor(np.stack(batch)))
-        poses.append(motion.pose)
-        if motion.exp is not None:
-            exps.append(motion.exp)
-        batch.clear()
-
-    if align:
-        import itertools
-
-        from edtalk_live.media.align import crop_clip
-
-        source = itertools.islice(crop_clip(path, size, fps=edtalk_audio.FPS), frames)
-    else:
-        source = media.iter_video_frames(path, size, fps=edtalk_audio.FPS, max_frames=frames)
-    for frame in source:
-        batch.append(frame)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    n = sum(p.shape[0] for p in poses)
-    if n < frames:
-        logger.info("%s has %d frames for %d: playing it back and forth", path, n, frames)
-    pose = pingpong(torch.cat(poses), frames)
-    exp = pingpong(torch.cat(exps), frames) if exps else None
-    return pose, exp
+    return _Inputs(weights=weights, face=face_image, wav=wav, frames=frames, device=dev, preset=preset)
 
 
 def render_file(
-    weights_dir: str | os.PathLike[str],
-    image: str | os.PathLike[str],
+    weights_dir: str | os.PathLike[str] | None,
+    image: str | os.PathLike[str] | None,
     audio: str | os.PathLike[str],
     out: str | os.PathLike[str],
     pose_video: str | os.PathLike[str] | None = None,
@@ -244,113 +151,88 @@ def render_file(
     align: bool = True,
     face: int = 0,
     paste_back: bool = False,
+    intensity: float | None = None,
+    low_latency: bool = False,
 ) -> RenderSummary:
-    """Render a talking-face mp4 from a face image and speech.
+    """Render a talking-face mp4 from a face image and speech: the frames a live session streams.
 
     Args:
-        weights_dir: folder with the official weights (see :func:`edtalk.weights.find_weights`).
-        image: a face filling a square crop (EDTalk's alignment); resized to the model size.
-        audio: any file PyAV decodes; resampled to 16 kHz mono and cut to whole 25 fps frames.
+        weights_dir: folder with the official weights (see :func:`edtalk_live.media.weights.find_weights`);
+            None: the weights folder.
+        image: any photo with a face (aligned automatically); None: the built-in portrait.
+        audio: any file PyAV decodes; resampled to 16 kHz mono; one frame per whole 40 ms.
         out: the mp4 to write (H.264 + AAC); written atomically, never left half-written.
         pose_video: head motion from this clip (read at 25 fps, looped back and forth if short).
         still: keep the head pose of ``image`` (also the default when no pose video is given).
         emotion: name of an expression preset (``predefined_exp_weights/NAME.npy``); EDTalk.pt only.
+            Without it (and without ``exp_video``) the avatar keeps its own expression.
         exp_video: per-frame expression from this clip; EDTalk.pt only.
         batch_size: frames per decoder call.
         device: torch device (``cpu``, ``cuda``, ``cuda:1``) for the torch and tensorrt backends.
         progress: show a tqdm progress bar on stderr.
-        backend: ``torch``, ``onnxruntime`` or ``tensorrt`` (see :func:`engines.create_renderer`); the
-            ONNX-based backends export the graphs into the cache on first use.
+        backend: ``torch``, ``onnxruntime`` or ``tensorrt`` (see :func:`edtalk_live.engines.create_renderer`).
         align: detect the face in ``image`` and align it to EDTalk's crop (an image that already is
             such a crop is used as it is); driving clips are cropped with one fixed box. False: take
             the image and clips as given (resized).
         face: which face to use when the photo has several (0 = the largest).
         paste_back: write frames at the photo's size, each face warped back into the photo.
+        intensity: strength of ``emotion`` in [0, 2] (1: the preset itself; 0: the avatar's own
+            expression), as the live session option ``intensity``.
+        low_latency: the live low-latency lip sync (shorter look-ahead, causal smoothing), as the
+            session option ``low_latency``.
 
     Raises:
-        edtalk.errors.InputError, edtalk.errors.CheckpointError: bad inputs or weights, raised
-            before any heavy work.
+        edtalk_live.InputError, edtalk_live.CheckpointError: bad inputs or weights, raised before any
+            heavy work.
     """
     start = time.perf_counter()
     out = Path(out)
     inputs = _validate(
         weights_dir, image, audio, out, pose_video, still, emotion, exp_video, batch_size, device, backend,
-        align=align, face=face, paste_back=paste_back,
+        align=align, face=face, paste_back=paste_back, intensity=intensity,
     )
     weights, frames, dev = inputs.weights, inputs.frames, inputs.device
-    wav = edtalk_audio.fit_to_frames(inputs.wav, frames)
 
     model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip, device=dev)
     config = model.config
     if (emotion is not None or exp_video is not None) and not model.has_expression:
         raise InputError(f"{weights.gen} is a {config.family} model without expression (needs EDTalk.pt)")
-    logger.info(
-        "rendering %d frames (%.2f s) at %dx%d with %s (%s) on %s",
-        frames,
-        frames / edtalk_audio.FPS,
-        config.size,
-        config.size,
-        weights.gen.name,
-        config.family,
-        dev,
-    )
+    logger.info("rendering %d frames (%.2f s) at %dx%d with %s (%s) on %s", frames, frames / edtalk_audio.FPS,
+                config.size, config.size, weights.gen.name, config.family, dev)
 
     renderer = engines.create_renderer(backend, model=model, device=str(dev))
     logger.info("backend: %s", renderer.describe())
     with torch.inference_mode():
-        crop, matrix = _identity_crop(inputs, config.size)
-        src_img = media.uint8_to_tensor(crop[None])
-        own = renderer.read_motion(src_img)
-        src = renderer.prepare_source(src_img)
-        lip = _lip_from_audio(renderer, wav, frames)
-
-        video_pose = video_exp = None
+        avatar = prepare_avatar(renderer, inputs.face, keep_photo=paste_back)
+        lip = lips_for_audio(renderer.audio_to_lip, inputs.wav, frames, rest_lip=avatar.rest_lip,
+                             config=lipsync_config(low_latency=low_latency))
+        pose = avatar.rest_pose.expand(frames, -1)                                    # [T,6]
         if pose_video is not None:
-            video_pose, _ = _motion_from_video(renderer, pose_video, frames, batch_size, align)
+            pose = pingpong(read_clip_motion(renderer, pose_video, align, batch_size, max_frames=frames).pose, frames)
+        exp = avatar.expression(inputs.preset, 1.0 if intensity is None else intensity)   # [1,10] or None
         if exp_video is not None:
-            _, video_exp = _motion_from_video(renderer, exp_video, frames, batch_size, align)
-        pose = video_pose if video_pose is not None else own.pose.expand(frames, -1)  # [T,6]
-        exp: torch.Tensor | None = None
-        if model.has_expression:
-            if inputs.preset is not None:
-                exp = inputs.preset  # [1,10]
-            elif video_exp is not None:
-                exp = video_exp  # [T,10]
-            else:
-                exp = own.exp  # [1,10]
+            exp = pingpong(read_clip_motion(renderer, exp_video, align, batch_size, max_frames=frames).exp, frames)
         # one prepared avatar for a fixed expression (EEM once); one per frame for an expression clip
-        fixed = renderer.prepare_expression(src, exp) if exp is None or exp.shape[0] == 1 else None
-        paste = None
-        if paste_back:
-            from edtalk_live.engines.pasteback import PasteBack
-
-            h, w = inputs.photo.shape[:2]
-            photo = inputs.photo[: h - h % 2, : w - w % 2]          # yuv420p needs even sizes
-            paste = PasteBack(photo, matrix, config.size, device=dev)
+        fixed = renderer.prepare_expression(avatar.source, exp) if exp is None or exp.shape[0] == 1 else None
+        paste = make_paste_back(avatar, config.size, device=dev) if paste_back else None
 
     def batches() -> Iterator[np.ndarray]:
         with tqdm(total=frames, unit="frame", disable=not progress, desc="render") as bar:
             for i in range(0, frames, batch_size):
                 j = min(i + batch_size, frames)
                 with torch.inference_mode():
-                    avatar = fixed or [renderer.prepare_expression(src, exp[k: k + 1]) for k in range(i, j)]
-                    frames_u8 = renderer.render(avatar, lip[i:j], pose[i:j])
+                    per_frame = fixed or [renderer.prepare_expression(avatar.source, exp[k: k + 1])
+                                          for k in range(i, j)]
+                    frames_u8 = renderer.render(per_frame, lip[i:j], pose[i:j])
                     if paste is not None:
                         frames_u8 = paste(frames_u8)
                 bar.update(j - i)
                 yield frames_u8
 
-    written = media.write_video(
-        out, batches(), wav, fps=edtalk_audio.FPS, sample_rate=edtalk_audio.SAMPLE_RATE
-    )
+    wav = edtalk_audio.fit_to_frames(inputs.wav, frames)
+    written = media.write_video(out, batches(), wav, fps=edtalk_audio.FPS, sample_rate=edtalk_audio.SAMPLE_RATE)
     elapsed = time.perf_counter() - start
-    summary = RenderSummary(
-        out=out,
-        frames=written,
-        fps=edtalk_audio.FPS,
-        seconds=written / edtalk_audio.FPS,
-        family=config.family,
-        elapsed=elapsed,
-    )
+    summary = RenderSummary(out=out, frames=written, fps=edtalk_audio.FPS, seconds=written / edtalk_audio.FPS,
+                            family=config.family, elapsed=elapsed)
     logger.info("wrote %s: %d frames, %.2f s, in %.1f s", out, written, summary.seconds, elapsed)
     return summary

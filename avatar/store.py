@@ -1,6 +1,6 @@
-"""Avatars for the server: prepared once (alignment, source encoding, own motion, idle frame), cached on disk.
+"""Avatars prepared once (the path of :mod:`edtalk_live.avatar.prepare`) and cached on disk.
 
-The cache key is the image's bytes, the weights and the alignment setting, so a second start with
+The cache key is the image's bytes, the weights, the model size and the alignment settings, so a second start with
 the same folder is fast, and a changed image or other weights are prepared again. Cache files are
 safetensors written atomically; an unreadable or mismatching cache file is ignored and rebuilt.
 """
@@ -11,72 +11,42 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edtalk_live.avatar.prepare import PreparedAvatar, prepare_avatar, read_face
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
-from edtalk_live.realtime.session import AvatarAssets
+from edtalk_live.media.align import read_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CACHE_VERSION = "1"
-
-#: alignment: uint8 photo [H,W,3], size -> (uint8 crop [S,S,3], 2x3 photo->crop matrix or None)
-Aligner = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]]
-
-
-@dataclass
-class Prepared:
-    """An avatar ready to serve, and what it was made from."""
-
-    assets: AvatarAssets
-    crop: np.ndarray                        # uint8 [S,S,3], the aligned input of the networks
-    photo: np.ndarray | None                # uint8 [H,W,3] original photo (for paste-back), None if not kept
-    matrix: np.ndarray | None               # 2x3 photo -> crop, None when the image was taken as it is
-    cached: bool = False
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{path}: not a readable image ({type(e).__name__})") from None
-
-
-def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    if rgb.shape[:2] == (size, size):
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.LANCZOS))
+CACHE_VERSION = "2"
 
 
 class AvatarStore:
-    """Prepares avatar images for one renderer, with an on-disk cache under ``cache_dir``."""
+    """Prepares avatar images for one renderer (:mod:`edtalk_live.avatar.prepare`), cached on disk under ``cache_dir``.
+
+    ``align`` and ``face`` are those of :func:`~edtalk_live.avatar.prepare.read_face`.
+    """
 
     def __init__(self, renderer: Renderer, weights_id: str, cache_dir: str | Path | None,
-                 aligner: Aligner | None = None, clip_poses: torch.Tensor | None = None):
+                 align: bool = True, face: int = 0):
         self.renderer = renderer
         self.weights_id = weights_id or "unknown"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.aligner = aligner
-        self.clip_poses = clip_poses
+        self.align = align
+        self.face = face
 
     # ------------------------------------------------------------ cache
     def _key(self, data: bytes) -> str:
         h = hashlib.sha256()
         h.update(data)
-        h.update(f"|{self.weights_id}|{self.renderer.config.size}|align={self.aligner is not None}|v{CACHE_VERSION}"
-                 .encode())
+        h.update(f"|{self.weights_id}|{self.renderer.config.size}|align={self.align}|face={self.face}"
+                 f"|v{CACHE_VERSION}".encode())
         return h.hexdigest()[:24]
 
     def _cache_path(self, key: str) -> Path | None:
@@ -105,50 +75,32 @@ class AvatarStore:
             tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ prepare
-    def prepare(self, path: str | Path, name: str | None = None, keep_photo: bool = False) -> Prepared:
-        """Prepare one image file (aligned unless the store has no aligner)."""
+    def prepare(self, path: str | Path, name: str | None = None, keep_photo: bool = False) -> PreparedAvatar:
+        """Prepare one image file: from the cache when it holds it, else through :func:`prepare_avatar`."""
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: avatar image not found")
-        data = path.read_bytes()
         name = name or path.stem
-        key = self._key(data)
-        cache = self._cache_path(key)
-        photo = _read_rgb(path) if (keep_photo or cache is None or not cache.is_file()) else None
+        cache = self._cache_path(self._key(path.read_bytes()))
         if cache is not None and cache.is_file():
             arrays = self._load_cached(cache)
             if arrays is not None:
                 try:
                     prepared = self._from_arrays(name, arrays)
-                    if keep_photo and photo is None:
-                        photo = _read_rgb(path)
-                    prepared.photo = photo
-                    prepared.assets.photo, prepared.assets.matrix = photo, prepared.matrix
+                    prepared.photo = read_image(path) if keep_photo else None
                     logger.info("avatar %s: loaded from cache", name)
                     return prepared
                 except (EDTalkError, KeyError) as e:
                     logger.warning("avatar cache %s does not fit (%s); preparing again", cache, e)
-            photo = _read_rgb(path)
-        size = self.renderer.config.size
-        if self.aligner is not None:
-            crop, matrix = self.aligner(photo, size)
-        else:
-            crop, matrix = _resize(photo, size), None
-        prepared = self._prepare_crop(name, crop, matrix)
-        prepared.photo = photo if keep_photo else None
-        prepared.assets.photo, prepared.assets.matrix = prepared.photo, matrix
+        prepared = prepare_avatar(self.renderer, read_face(path, align=self.align, face=self.face, name=name),
+                                  keep_photo=keep_photo)
         if cache is not None:
             self._save_cached(cache, self._to_arrays(prepared), {"name": name, "source": path.name,
                                                                  "weights": self.weights_id})
         return prepared
 
-    def _prepare_crop(self, name: str, crop: np.ndarray, matrix: np.ndarray | None) -> Prepared:
-        image = torch.from_numpy(np.array(crop, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        assets = prepare_avatar(self.renderer, name, image, clip_poses=self.clip_poses)
-        logger.info("avatar %s: prepared", name)
-        return Prepared(assets, crop, None, matrix)
-
-    def prepare_dir(self, folder: str | Path, keep_photo: bool = False) -> tuple[dict[str, Prepared], dict[str, str]]:
+    def prepare_dir(self, folder: str | Path, keep_photo: bool = False
+                    ) -> tuple[dict[str, PreparedAvatar], dict[str, str]]:
         """Prepare every image of a folder; a bad image is reported by name and skipped."""
         folder = Path(folder)
         if not folder.is_dir():
@@ -156,7 +108,7 @@ class AvatarStore:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise InputError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        ok: dict[str, Prepared] = {}
+        ok: dict[str, PreparedAvatar] = {}
         failed: dict[str, str] = {}
         for p in files:
             name = p.stem
@@ -171,48 +123,32 @@ class AvatarStore:
         return ok, failed
 
     # ------------------------------------------------------------ (de)serialisation
-    def _to_arrays(self, p: Prepared) -> dict[str, np.ndarray]:
-        a = p.assets
-        arrays = {f"source.{k}": v for k, v in self.renderer.export_source(a.source).items()}
-        arrays.update({"rest_pose": a.rest_pose.numpy(), "rest_lip": a.rest_lip.numpy(),
-                       "idle_frame": a.idle_frame, "crop": p.crop})
-        if a.rest_exp is not None:
-            arrays["rest_exp"] = a.rest_exp.numpy()
-        if p.matrix is not None:
-            arrays["matrix"] = np.asarray(p.matrix, np.float64)
+    def _to_arrays(self, p: PreparedAvatar) -> dict[str, np.ndarray]:
+        arrays = {f"source.{k}": v for k, v in self.renderer.export_source(p.source).items()}
+        arrays.update({"rest_pose": p.rest_pose.numpy(), "rest_lip": p.rest_lip.numpy(),
+                       "idle_frame": p.idle_frame, "crop": p.crop, "matrix": np.asarray(p.matrix, np.float64)})
+        if p.rest_exp is not None:
+            arrays["rest_exp"] = p.rest_exp.numpy()
         return arrays
 
-    def _from_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> Prepared:
+    def _from_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> PreparedAvatar:
         source = self.renderer.import_source({k[7:]: v for k, v in arrays.items() if k.startswith("source.")})
         has_exp = self.renderer.config.has_expression
         if has_exp != ("rest_exp" in arrays):
             raise InputError("cached avatar was made for the other model family")
-        assets = AvatarAssets(
+        return PreparedAvatar(
             name=name, source=source, rest_pose=torch.from_numpy(arrays["rest_pose"]).float(),
             rest_exp=torch.from_numpy(arrays["rest_exp"]).float() if has_exp else None,
             rest_lip=torch.from_numpy(arrays["rest_lip"]).float(), idle_frame=arrays["idle_frame"],
-            clip_poses=self.clip_poses)
-        return Prepared(assets, arrays["crop"], None, arrays.get("matrix"), cached=True)
+            crop=arrays["crop"], matrix=arrays["matrix"], cached=True)
 
 
-def prepare_avatar(renderer: Renderer, name: str, image: torch.Tensor,
-                   clip_poses: torch.Tensor | None = None) -> AvatarAssets:
-    """Encode an identity image ``[1,3,S,S]`` in [-1,1] once and read its own pose, expression and mouth."""
-    source = renderer.prepare_source(image)
-    own = renderer.read_motion(image)
-    rest_exp = own.exp[:1] if own.exp is not None else None
-    avatar = renderer.prepare_expression(source, rest_exp)
-    idle = renderer.render(avatar, own.lip[:1], own.pose[:1])[0]
-    return AvatarAssets(name=name, source=source, rest_pose=own.pose[0], rest_exp=rest_exp, rest_lip=own.lip[0],
-                        idle_frame=idle, clip_poses=clip_poses)
-
-
-def describe(prepared: dict[str, Prepared], failed: dict[str, str]) -> str:
+def describe(prepared: dict[str, PreparedAvatar], failed: dict[str, str]) -> str:
     """One line per avatar for the start-up log."""
     lines = [f"  {n}: {'cached' if p.cached else 'prepared'}" for n, p in prepared.items()]
     lines += [f"  {n}: SKIPPED ({why})" for n, why in failed.items()]
     return "\n".join(lines)
 
 
-def manifest(prepared: dict[str, Prepared]) -> str:
+def manifest(prepared: dict[str, PreparedAvatar]) -> str:
     return json.dumps(sorted(prepared))

@@ -69,14 +69,18 @@ class SampleRing:
 class AudioInput:
     """Turns incoming ``av.AudioFrame``s of any rate/layout into 16 kHz mono samples on the session clock.
 
-    The first frame is anchored at ``anchor_pos`` (the session-time sample position of its
-    arrival); every later frame lands at ``anchor + (pts - pts0) * 16000 * time_base``. A frame
+    The first frame is anchored at ``anchor_pos``: the session-time sample position of its arrival,
+    rounded to the nearest multiple of ``grid`` not before what is already written (with ``grid`` =
+    640, speech starts on a video frame, so frame ``i`` of the speech is a frame of the session and
+    the session shows the frames ``render`` writes for it); every later frame lands at
+    ``anchor + (pts - pts0) * 16000 * time_base``. A frame
     landing past the write cursor leaves a gap (lost packets) that reads as silence; one landing
     before it (duplicate or reordered) only writes its new part.
     """
 
-    def __init__(self, capacity_s: float = 30.0, tolerance: int = 160):
+    def __init__(self, capacity_s: float = 30.0, tolerance: int = 160, grid: int = 1):
         self.ring = SampleRing(int(capacity_s * RATE))
+        self.grid = grid
         self.tolerance = tolerance                 # jitter (samples) absorbed without inserting silence
         self._resampler: av.AudioResampler | None = None
         self._anchor: tuple[int, Fraction] | None = None   # (anchor sample position, pts0 in seconds)
@@ -102,8 +106,10 @@ class AudioInput:
         if frame.pts is not None and frame.time_base is not None:
             pts_s = Fraction(frame.pts) * frame.time_base
         if self._anchor is None:
-            self._anchor = (arrival_pos, pts_s if pts_s is not None else Fraction(0))
-            self.cursor = arrival_pos
+            g = self.grid
+            pos = max(round(arrival_pos / g) * g, -(-self.cursor // g) * g)
+            self._anchor = (pos, pts_s if pts_s is not None else Fraction(0))
+            self.cursor = pos
         samples = np.concatenate([f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)] or
                                  [np.zeros(0, np.float32)])
         self.frames += 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 import edtalk_live.edtalk as edtalk
 import edtalk_live.engines as engines
+from edtalk_live.avatar.driving import read_clip_motion
+from edtalk_live.avatar.prepare import default_avatar
 from edtalk_live.avatar.store import AvatarStore
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.media.weights import find_weights, load_preset
@@ -17,58 +17,24 @@ from edtalk_live.realtime.server import AvatarServer, ServerSettings
 logger = logging.getLogger(__name__)
 
 
-def _read_pose_clip(renderer: engines.Renderer, path: str | Path, align: bool = True) -> torch.Tensor:
-    """Pose coefficients ``[N,6]`` of every frame of a driving clip (read once at start-up).
-
-    With ``align`` the clip is cropped with one fixed box around the face over the whole clip.
-    """
-    import numpy as np
-
-    from edtalk_live.media import io as media
-
-    if align:
-        from edtalk_live.media.align import crop_clip
-
-        frames = list(crop_clip(path, renderer.config.size, fps=25))
-    else:
-        frames = list(media.iter_video_frames(path, renderer.config.size, fps=25))
-    if not frames:
-        raise InputError(f"{path}: no video frames")
-    images = media.uint8_to_tensor(np.stack(frames))
-    return renderer.read_motion(images).pose
-
-
-def _aligner(enabled: bool):
-    """The face aligner used for avatars (``None`` = take images as given)."""
-    if not enabled:
-        return None
-    from edtalk_live.media.align import align_image
-
-    def align(rgb, size):
-        a = align_image(rgb, size=size)
-        return a.crop, (None if a.already_aligned else a.matrix)
-
-    return align
-
-
 def build_server(weights_dir: str | Path | None, avatar: str | Path | None = None, backend: str = "torch",
                  device: str | None = None, pose_video: str | Path | None = None,
                  settings: ServerSettings | None = None, avatars_dir: str | Path | None = None,
-                 align: bool = True, cache: bool = True) -> AvatarServer:
+                 align: bool = True, cache: bool = True, face: int = 0) -> AvatarServer:
     """Everything heavy happens here, before the first connection: model, engines, avatar preparation.
 
     ``avatar`` is one image, ``avatars_dir`` a folder of images (each prepared once, cached on disk
     by image and weights hash, a bad image skipped with a warning); with neither, the default avatar
-    shipped with the package is used.
+    shipped with the package is used. Avatars are prepared by the same code as ``render``'s
+    (:mod:`edtalk_live.avatar.prepare`), with the same defaults.
     """
     weights = find_weights(weights_dir)
     weights.require_audio2lip()
     model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip)
     renderer = engines.create_renderer(backend, model=model, device=device)
     logger.info("backend: %s", renderer.describe())
-    clip = _read_pose_clip(renderer, pose_video, align) if pose_video else None
-    store = AvatarStore(renderer, model.weights_id, engines.cache_dir() if cache else None,
-                        aligner=_aligner(align), clip_poses=clip)
+    clip = read_clip_motion(renderer, pose_video, align).pose if pose_video else None
+    store = AvatarStore(renderer, model.weights_id, engines.cache_dir() if cache else None, align=align, face=face)
     if avatars_dir is not None:
         prepared, failed = store.prepare_dir(avatars_dir, keep_photo=True)
         for file, why in failed.items():
@@ -79,16 +45,7 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
         path = Path(avatar) if avatar is not None else default_avatar()
         prepared = {path.stem: store.prepare(path, keep_photo=True)}
     presets = {n: load_preset(p) for n, p in sorted(weights.presets.items())} if model.has_expression else {}
-    return AvatarServer(renderer, {n: p.assets for n, p in prepared.items()}, presets, settings or ServerSettings())
-
-
-def default_avatar() -> Path:
-    """The portrait shipped with the package (used when no avatar is given)."""
-    try:
-        from edtalk_live.avatar.assets import DEFAULT_AVATAR
-    except ImportError:
-        raise InputError("no avatar given (--avatar IMAGE or --avatars DIR)") from None
-    return DEFAULT_AVATAR
+    return AvatarServer(renderer, prepared, presets, settings or ServerSettings(), clip_poses=clip)
 
 
 def serve(args) -> int:

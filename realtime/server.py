@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from aiohttp import web
 
+from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.scheduler import FrameScheduler
-from edtalk_live.realtime.session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
+from edtalk_live.realtime.session import LATENCY_BUCKETS_MS, POSE_MODES, Session, SessionOptions
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +105,14 @@ class _Peer:
 class AvatarServer:
     """Owns the renderer, the scheduler, the prepared avatars and the live sessions."""
 
-    def __init__(self, renderer: Renderer, avatars: dict[str, AvatarAssets], presets: dict[str, torch.Tensor],
-                 settings: ServerSettings | None = None):
+    def __init__(self, renderer: Renderer, avatars: dict[str, PreparedAvatar], presets: dict[str, torch.Tensor],
+                 settings: ServerSettings | None = None, clip_poses: torch.Tensor | None = None):
         if not avatars:
             raise InputError("the server needs at least one avatar")
         self.renderer = renderer
         self.avatars = avatars
         self.presets = presets if renderer.config.has_expression else {}
+        self.clip_poses = clip_poses            # [N,6] head poses of the server's pose clip (pose mode "clip")
         self.settings = settings = settings or ServerSettings()
         self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
         self.lip_batcher = LipBatcher(renderer.audio_to_lip, self.scheduler.run)
@@ -157,8 +159,7 @@ class AvatarServer:
         return web.json_response({
             "avatars": list(self.avatars),
             "emotions": sorted(self.presets),
-            "pose_modes": [m for m in POSE_MODES if m != "clip" or any(a.clip_poses is not None
-                                                                       for a in self.avatars.values())],
+            "pose_modes": [m for m in POSE_MODES if m != "clip" or self.clip_poses is not None],
             "ice_servers": list(self.settings.ice_servers),
             "size": self.renderer.config.size,
             "family": self.renderer.config.family,
@@ -197,7 +198,7 @@ class AvatarServer:
                                       "sessions in use, try again later"}, status=503, headers={"Retry-After": "5"})
         try:
             options = SessionOptions.from_json(params, list(self.avatars), sorted(self.presets),
-                                               any(a.clip_poses is not None for a in self.avatars.values()))
+                                               self.clip_poses is not None)
         except EDTalkError as e:
             return self._error(400, str(e))
         try:
@@ -216,7 +217,7 @@ class AvatarServer:
         paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
                           render_budget=self.settings.render_budget, jitter_margin=self.settings.jitter_margin,
-                          paste=paste, lip_batcher=self.lip_batcher)
+                          paste=paste, lip_batcher=self.lip_batcher, clip_poses=self.clip_poses)
         peer = _Peer(session, pc)
         self.peers[sid] = peer
         self.sessions_total += 1
@@ -263,31 +264,12 @@ class AvatarServer:
                 await self.close_peer(sid, "setup failed")
 
     def _paste_back(self, name: str):
-        """The avatar's paste-back (built once per avatar, on the renderer's device)."""
-        if name in self._pastes:
-            return self._pastes[name]
-        assets = self.avatars[name]
-        if assets.photo is None:
-            raise InputError(f"avatar {name!r} has no photo to paste back into")
-        from edtalk_live.engines.pasteback import PasteBack
-
-        photo = assets.photo
-        h, w = photo.shape[:2]
-        size = self.renderer.config.size
-        matrix = assets.matrix
-        if matrix is None:                               # the photo is the crop, resized
-            matrix = np.array([[size / w, 0, 0.5 * size / w - 0.5], [0, size / h, 0.5 * size / h - 0.5]])
-        device = getattr(self.renderer, "device", "cpu")
-        paste = PasteBack(photo, matrix, size, device=device, max_size=self.settings.paste_back_max_size)
-        if paste.output_size[0] % 2 or paste.output_size[1] % 2:     # video encoders want even sizes
-            pw, ph = paste.output_size
-            inner = paste
-
-            def paste(frames, inner=inner, ph=ph, pw=pw):
-                return inner(frames)[:, : ph - ph % 2, : pw - pw % 2]
-
-        self._pastes[name] = paste
-        return paste
+        """The avatar's paste-back (built once per avatar, on the renderer's device), as ``render``'s."""
+        if name not in self._pastes:
+            device = getattr(self.renderer, "device", "cpu")
+            self._pastes[name] = make_paste_back(self.avatars[name], self.renderer.config.size, device=device,
+                                                 max_size=self.settings.paste_back_max_size)
+        return self._pastes[name]
 
     def _control(self, session: Session, message: Any) -> dict:
         try:

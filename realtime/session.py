@@ -25,10 +25,13 @@ import av
 import numpy as np
 import torch
 
-from edtalk_live.avatar.lipsync import LipFrame, LipSyncConfig, StreamingLipSync
+from edtalk_live.avatar.lipsync import LipFrame, StreamingLipSync
 from edtalk_live.avatar.motion import ExpressionState, PoseSource
+from edtalk_live.avatar.prepare import PreparedAvatar
+from edtalk_live.avatar.speech import SILENCE_DB, lipsync_config
+from edtalk_live.edtalk.audio import SAMPLES_PER_FRAME
 from edtalk_live.edtalk.errors import InputError
-from edtalk_live.engines.base import PreparedSource, Renderer
+from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.audio_in import RATE, AudioInput
 from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler
@@ -38,21 +41,6 @@ logger = logging.getLogger(__name__)
 
 POSE_MODES = ("still", "clip", "idle")
 LATENCY_BUCKETS_MS = (50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2000)
-
-
-@dataclass
-class AvatarAssets:
-    """Everything prepared once per avatar image: the encoded source and its own motion."""
-
-    name: str
-    source: PreparedSource
-    rest_pose: torch.Tensor                 # [6]
-    rest_exp: torch.Tensor | None           # [1,10] or None (lip_pose family)
-    rest_lip: torch.Tensor                  # [20]
-    idle_frame: np.ndarray                  # uint8 [S,S,3], the neutral face
-    clip_poses: torch.Tensor | None = None  # [N,6] of the server's pose clip, if any
-    photo: np.ndarray | None = None         # uint8 [H,W,3] the original photo (for paste-back)
-    matrix: np.ndarray | None = None        # 2x3 photo -> crop (None: the photo is the crop, resized)
 
 
 @dataclass(frozen=True)
@@ -135,11 +123,11 @@ class Session:
     :meth:`close` at the end.
     """
 
-    def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: AvatarAssets,
+    def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: PreparedAvatar,
                  options: SessionOptions, presets: dict[str, torch.Tensor], render_budget: float = 0.1,
                  jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
-                 silence_db: float | None = -50.0, paste: Callable[[np.ndarray], np.ndarray] | None = None,
-                 lip_batcher: LipBatcher | None = None):
+                 silence_db: float | None = SILENCE_DB, paste: Callable[[np.ndarray], np.ndarray] | None = None,
+                 lip_batcher: LipBatcher | None = None, clip_poses: torch.Tensor | None = None):
         self.id = sid
         self.renderer = renderer
         self.scheduler = scheduler
@@ -147,16 +135,16 @@ class Session:
         self.options = options
         self.presets = presets
         self.created = time.time()
-        lip_cfg = LipSyncConfig(lookahead="low" if options.low_latency else "offline", cut_to_frames=False,
-                                silence_db=silence_db)
+        lip_cfg = lipsync_config(low_latency=options.low_latency, silence_db=silence_db)   # as render's
         self.lip_batcher = lip_batcher     # shared by all sessions: one Audio2Lip call per tick for everyone
         self._lip_hook = lip_batcher.hook() if lip_batcher is not None else None
         self.lips = StreamingLipSync(self._lip_hook or renderer.audio_to_lip, lip_cfg, rest_lip=assets.rest_lip)
         self.delay = self.lips.latency_s + render_budget
         self.jitter_margin = jitter_margin
         self.clock = SessionClock(self.delay, time_fn=time_fn)
-        self.audio = AudioInput()
-        self.pose = PoseSource(assets.rest_pose, clip_poses=assets.clip_poses, mode=options.pose,
+        self.audio = AudioInput(grid=SAMPLES_PER_FRAME)   # speech starts on a frame boundary
+        self.clip_poses = clip_poses       # [N,6] of the server's pose clip, if any
+        self.pose = PoseSource(assets.rest_pose, clip_poses=clip_poses, mode=options.pose,
                                seed=int(sid[:8], 16) if sid[:8].isalnum() else 0)
         self.expression = (ExpressionState(assets.rest_exp, emotion=self._preset(options.emotion),
                                            intensity=options.intensity)
@@ -167,6 +155,7 @@ class Session:
         self.closed = False
         self.started = False
         self._fed = 0                      # samples pushed into the lip-sync so far
+        self._speech_started = False       # the lip-sync stream was restarted where the speech begins
         self._interrupt = False            # set by interrupt(), applied by the producer between pops
         self._avatar_key: bytes | None = None
         self._avatar = None
@@ -275,6 +264,11 @@ class Session:
             now_pos = int(self.clock.now() * RATE)
             # no audio arriving (not started, muted, lost): silence, a little behind real time
             self.audio.fill_silence_until(now_pos - int(self.jitter_margin * RATE))
+            restart = []
+            anchor = self.audio.anchor_pos
+            if anchor is not None and not self._speech_started:
+                self._speech_started = True
+                restart = await self._restart_at(anchor)
             end = self.audio.cursor
             if end > self._fed:
                 chunk = self.audio.read(self._fed, end - self._fed)
@@ -288,8 +282,27 @@ class Session:
                 frames = await self.lip_batcher.pop(self.lips, self._lip_hook)
             else:
                 frames = await self.scheduler.run(self.lips.pop)
-            for f in frames:
+            for f in restart + frames:
                 self._spawn(self._render(f, self._generation), f"frame-{f.index}")
+
+    async def _restart_at(self, anchor: int) -> list[LipFrame]:
+        """Start the lip-sync's stream where the speech starts (sample ``anchor``, on a frame boundary).
+
+        The silence before it is finished first (its last frames come out now, resting mouths), so the
+        speech's mel frames and windows line up with those of a file that starts with it: the session
+        streams the frames ``render`` writes for the same audio.
+        """
+        if anchor < self._fed or anchor % SAMPLES_PER_FRAME:
+            logger.warning("session %s: speech at sample %d cannot start a stream (lip-sync at %d)",
+                           self.id[:8], anchor, self._fed)
+            return []
+        if anchor > self._fed:
+            self.lips.push(self.audio.read(self._fed, anchor - self._fed))
+            self._fed = anchor
+        frames = await self.scheduler.run(self.lips.flush)
+        if self.lips.position != anchor:
+            logger.warning("session %s: lip-sync restarted at %d, not %d", self.id[:8], self.lips.position, anchor)
+        return frames
 
     async def _render(self, f: LipFrame, generation: int) -> None:
         pose = self.pose.next(voiced=f.voiced)
@@ -366,7 +379,7 @@ class Session:
             mode = msg.get("mode")
             if mode not in POSE_MODES:
                 raise InputError(f"unknown pose mode {mode!r}; choose one of {', '.join(POSE_MODES)}")
-            if mode == "clip" and self.assets.clip_poses is None:
+            if mode == "clip" and self.clip_poses is None:
                 raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
             self.pose.set_mode(mode)
         elif kind == "pause":

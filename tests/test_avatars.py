@@ -42,7 +42,7 @@ def test_folder_prepared_cached_and_bad_image_skipped(tmp_path, renderer, face_i
     again, _ = AvatarStore(r, model.weights_id, tmp_path / "cache").prepare_dir(folder)
     assert all(p.cached for p in again.values())
     for name in ok:
-        a, b = ok[name].assets, again[name].assets
+        a, b = ok[name], again[name]
         torch.testing.assert_close(a.source.wa, b.source.wa)
         for fa, fb in zip(a.source.feats, b.source.feats, strict=True):
             torch.testing.assert_close(fa, fb)

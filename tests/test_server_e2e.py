@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 import json
 import socket
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 import torch
 from aiohttp import web
 
+import edtalk_live.edtalk as edtalk
+from edtalk_live.engines import create_renderer
 from edtalk_live.realtime.client import run_client
 from edtalk_live.realtime.serve import build_server
 from edtalk_live.realtime.server import ServerSettings
@@ -208,46 +211,47 @@ def test_session_limit_answers_503(edtalk_weights, face_image, speech):
     assert third.video_frames > 0
 
 
-def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech):
-    """The session pipeline (lip sync in sliding windows, scheduler) gives the offline renderer's frames."""
-    import edtalk_live.edtalk as edtalk
-    from edtalk_live.avatar.store import prepare_avatar
-    from edtalk_live.engines import create_renderer
-    from edtalk_live.media import io as media
+@pytest.mark.parametrize("emotion,intensity,low_latency", [(None, 1.0, False), ("happy", 0.5, False),
+                                                          (None, 1.0, True)])
+def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech, emotion, intensity, low_latency):
+    """The session pipeline (lip sync in sliding windows, scheduler) gives the frames ``render`` computes."""
+    from edtalk_live.avatar.prepare import prepare_avatar, read_face
+    from edtalk_live.avatar.speech import lips_for_audio, lipsync_config
     from edtalk_live.media.weights import find_weights, load_preset
     from edtalk_live.realtime.scheduler import FrameScheduler
 
-    frames_n = 40
+    frames_n = 30
     wav = speech[: frames_n * 640]
     w = find_weights(edtalk_weights)
     model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
     renderer = create_renderer("torch", model=model, device="cpu")
-    image = media.load_image(face_image, model.config.size)
-    assets = prepare_avatar(renderer, "face", image)
-    happy = load_preset(w.presets["happy"])
+    avatar = prepare_avatar(renderer, read_face(face_image, align=False))
+    presets = {"happy": load_preset(w.presets["happy"])}
 
-    # offline: exactly what `edtalk-live render --still --emotion happy` computes for the file followed by
-    # a second of silence (a live stream does not end: silence follows when the speech stops)
-    padded = np.concatenate([wav, np.zeros(16000, np.float32)])
-    total = edtalk.audio.num_frames(len(padded))
-    mel = edtalk.audio.mel_windows(edtalk.audio.melspectrogram(padded), total)
-    lip = edtalk.audio.smooth(renderer.audio_to_lip(mel))[:frames_n]
-    avatar = renderer.prepare_expression(renderer.prepare_source(image), happy)
-    offline = renderer.render(avatar, lip, assets.rest_pose.expand(frames_n, -1))
+    # offline: what `edtalk-live render --still [--emotion happy --intensity 0.5] [--low-latency]` computes
+    lip = lips_for_audio(renderer.audio_to_lip, wav, frames_n, avatar.rest_lip, lipsync_config(low_latency))
+    exp = avatar.expression(presets[emotion] if emotion else None, intensity)
+    offline = renderer.render(renderer.prepare_expression(avatar.source, exp), lip,
+                              avatar.rest_pose.expand(frames_n, -1))
 
     async def stream():
         scheduler = FrameScheduler(renderer, max_batch=8)
         await scheduler.start()
-        options = SessionOptions(avatar="face", emotion="happy", pose="still")
-        session = Session("0" * 32, renderer, scheduler, assets, options, {"happy": happy}, silence_db=None,
-                          render_budget=5.0)
+        options = SessionOptions(avatar=avatar.name, emotion=emotion, intensity=intensity, pose="still",
+                                 low_latency=low_latency)
+        session = Session("0" * 32, renderer, scheduler, avatar, options, presets, render_budget=5.0)
         session.start()
-        session.push_samples(wav, pos=0)
+        await asyncio.sleep(0.3)                            # silence first, as a live stream has it
+        frame = av.AudioFrame.from_ndarray((wav * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 16000, 0, fractions.Fraction(1, 16000)
+        session.push_audio(frame)                           # the speech, anchored on a frame boundary
+        lead = session.audio.anchor_pos // 640
+        want = range(lead, lead + frames_n)
         for _ in range(400):
             await asyncio.sleep(0.02)
-            if all(i in session.frames for i in range(frames_n)):
+            if all(i in session.frames for i in want):
                 break
-        got = {i: session.frames[i] for i in range(frames_n) if i in session.frames}
+        got = {i - lead: session.frames[i] for i in want if i in session.frames}
         await session.close()
         await scheduler.stop()
         return got
@@ -261,17 +265,14 @@ def test_streamed_frames_match_offline_frames(edtalk_weights, face_image, speech
 
 def test_silence_gives_resting_mouth(edtalk_weights, face_image):
     """No audio at all: frames are rendered from silence with the rest mouth, steadily at 25 fps."""
-    import edtalk_live.edtalk as edtalk
-    from edtalk_live.avatar.store import prepare_avatar
-    from edtalk_live.engines import create_renderer
-    from edtalk_live.media import io as media
+    from edtalk_live.avatar.prepare import prepare_avatar, read_face
     from edtalk_live.media.weights import find_weights
     from edtalk_live.realtime.scheduler import FrameScheduler
 
     w = find_weights(edtalk_weights)
     model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
     renderer = create_renderer("torch", model=model, device="cpu")
-    assets = prepare_avatar(renderer, "face", media.load_image(face_image, model.config.size))
+    assets = prepare_avatar(renderer, read_face(face_image, align=False, name="face"))
     seen: list[torch.Tensor] = []
 
     async def run():
