@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--exp-video", metavar="CLIP", help="drive the expression with this video (EDTalk.pt only)"
     )
+    render.add_argument("--intensity", type=float, metavar="X",
+                        help="strength of --emotion from 0 (the image's own expression) to 2 (1), as the live "
+                        "session option")
+    render.add_argument("--low-latency", action="store_true",
+                        help="the live low-latency lip sync (40 ms look-ahead, causal smoothing): renders what a "
+                        "low_latency session streams")
     render.add_argument("--batch-size", type=int, default=8, metavar="N", help="frames per decoder call (8)")
     render.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (cpu)")
     render.add_argument(
@@ -271,6 +277,8 @@ def _run_render(args: argparse.Namespace) -> int:
         align=not args.no_align,
         face=args.face,
         paste_back=args.paste_back,
+        intensity=args.intensity,
+        low_latency=args.low_latency,
     )
     print(
         f"wrote {summary.out}: {summary.frames} frames, {summary.seconds:.2f} s at {summary.fps} fps "
