@@ -1,8 +1,11 @@
 """Media files in and out with PyAV and Pillow: audio, face images, driving videos, mp4 output.
 
-Images and frames cross the model boundary as float tensors ``[B,3,S,S]`` in [-1, 1]; frames
-going to an encoder are ``uint8`` arrays ``[B,S,S,3]`` (RGB). Every failure caused by the file
-itself is raised as :class:`edtalk.errors.InputError` with a one-line message naming the file.
+:func:`read_image` is the one image reader of the project: RGB ``uint8`` ``[H,W,3]``, upright per
+the photo's EXIF orientation (phones store photos sideways with a rotation tag). Images and frames
+cross the model boundary as float tensors ``[B,3,S,S]`` in [-1, 1]; frames going to an encoder are
+``uint8`` arrays ``[B,S,S,3]`` (RGB). Every failure caused by the file itself is raised as
+:class:`edtalk.errors.InputError` with a one-line message naming the file. :func:`atomic_write`
+puts a file in place only once it is complete.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -18,7 +21,7 @@ from types import TracebackType
 import av
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 
@@ -26,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "VideoWriter",
+    "atomic_write",
     "image_to_tensor",
     "iter_video_frames",
     "load_audio",
     "load_image",
     "open_image",
     "probe_video",
+    "read_image",
     "read_video_frames",
     "to_uint8",
     "uint8_to_tensor",
@@ -61,6 +66,24 @@ def _reason(exc: BaseException) -> str:
     """A one-line reason from a PyAV/Pillow exception."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return " ".join(str(text).split())
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a hidden file beside ``path``, renamed onto it only if that succeeds.
+
+    On any error the temporary file is deleted and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the output the usual permissions
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- audio
@@ -100,15 +123,25 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.nda
 # ----------------------------------------------------------------------------------------------- images
 
 
-def open_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open and fully decode an image file as RGB (fails fast on anything that is not an image)."""
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as RGB ``uint8`` ``[H,W,3]``, upright per its EXIF orientation.
+
+    The file is fully decoded (fails fast on anything that is not an image). A missing or unreadable
+    file raises :class:`InputError` with a one-line message naming it.
+    """
     path = _existing_file(path, "image file")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            upright = ImageOps.exif_transpose(img)
+            return np.asarray(upright.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"not a readable image: {path} ({_reason(exc)})") from exc
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """:func:`read_image` as a PIL image (RGB, upright per EXIF)."""
+    return Image.fromarray(read_image(path))
 
 
 def _resize(img: Image.Image, size: int) -> Image.Image:
@@ -139,7 +172,7 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
 
 def load_image(path: str | os.PathLike[str], size: int) -> torch.Tensor:
     """Read a face image -> float32 ``[1,3,S,S]`` in [-1, 1], RGB, resized to ``size``×``size``."""
-    return image_to_tensor(open_image(path), size)
+    return image_to_tensor(Image.fromarray(read_image(path)), size)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
