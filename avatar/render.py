@@ -141,7 +141,7 @@ def _validate(
     photo = np.asarray(img.convert("RGB"))
     alignment = None
     if align:
-        from edtalk_live.media.align import align_image
+        from edtalk_live.media.faces import align_image
 
         alignment = align_image(photo, size=256, face=face, name=str(image))   # detection: fails fast
     elif face:
@@ -167,7 +167,7 @@ def _identity_crop(inputs: _Inputs, size: int) -> tuple[np.ndarray, np.ndarray]:
     if a is None or a.already_aligned:
         crop = np.asarray(inputs.image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
         return crop, np.array([[size / w, 0, 0.5 * size / w - 0.5], [0, size / h, 0.5 * size / h - 0.5]])
-    from edtalk_live.media.align import warp_image
+    from edtalk_live.media.geometry import warp_image
 
     matrix = np.asarray(a.matrix, np.float64) * (size / a.size)     # the 256 alignment, scaled to the model size
     matrix[:, 2] += 0.5 * (size / a.size) - 0.5                      # pixel centres stay pixel centres
@@ -209,7 +209,7 @@ def _motion_from_video(
     if align:
         import itertools
 
-        from edtalk_live.media.align import crop_clip
+        from edtalk_live.media.clips import crop_clip
 
         source = itertools.islice(crop_clip(path, size, fps=edtalk_audio.FPS), frames)
     else:

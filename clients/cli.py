@@ -223,7 +223,7 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from edtalk_live.media.align import main_prepare
+    from edtalk_live.clients.prepare import main_prepare  # imports torch: only when used
 
     return main_prepare(args)
 

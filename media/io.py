@@ -210,7 +210,7 @@ def iter_video_frames(
     """
     from itertools import islice
 
-    from edtalk_live.media.align import iter_video
+    from edtalk_live.media.clips import iter_video  # clips writes with atomic_write: no import at the top
 
     path = _existing_file(path, "video file")
     for frame in islice(iter_video(path, fps), max_frames):

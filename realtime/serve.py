@@ -27,7 +27,7 @@ def _read_pose_clip(renderer: engines.Renderer, path: str | Path, align: bool = 
     from edtalk_live.media import io as media
 
     if align:
-        from edtalk_live.media.align import crop_clip
+        from edtalk_live.media.clips import crop_clip
 
         frames = list(crop_clip(path, renderer.config.size, fps=25))
     else:
@@ -42,7 +42,7 @@ def _aligner(enabled: bool):
     """The face aligner used for avatars (``None`` = take images as given)."""
     if not enabled:
         return None
-    from edtalk_live.media.align import align_image
+    from edtalk_live.media.faces import align_image
 
     def align(rgb, size):
         a = align_image(rgb, size=size)
