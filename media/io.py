@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
 # ----------------------------------------------------------------------------------------------- audio
 
 
-def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.ndarray:
+def load_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of any file PyAV reads (wav, mp3, m4a, mp4, ...).
 
     Returns mono float32 samples ``[N]`` at ``sample_rate`` (channels are mixed down and the
@@ -199,7 +200,7 @@ def probe_video(path: str | os.PathLike[str]) -> None:
 def iter_video_frames(
     path: str | os.PathLike[str],
     size: int | None,
-    fps: int = 25,
+    fps: int = FPS,
     max_frames: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the frames of a video as RGB ``uint8`` ``[S,S,3]``, resampled to ``fps`` by timestamp.
@@ -220,7 +221,7 @@ def iter_video_frames(
 def read_video_frames(
     path: str | os.PathLike[str],
     size: int,
-    fps: int = 25,
+    fps: int = FPS,
     max_frames: int | None = None,
 ) -> torch.Tensor:
     """All frames of a video, resampled to ``fps`` -> float32 ``[N,3,S,S]`` in [-1, 1].
@@ -252,9 +253,9 @@ class VideoWriter:
         self,
         path: str | os.PathLike[str],
         size: int | tuple[int, int],
-        fps: int = 25,
+        fps: int = FPS,
         audio: np.ndarray | None = None,
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         crf: int = 18,
         preset: str = "medium",
     ) -> None:
@@ -379,8 +380,8 @@ def write_video(
     path: str | os.PathLike[str],
     frames: Iterable[np.ndarray],
     audio: np.ndarray | None = None,
-    fps: int = 25,
-    sample_rate: int = 16000,
+    fps: int = FPS,
+    sample_rate: int = SAMPLE_RATE,
 ) -> int:
     """Write an mp4 from an iterable of RGB ``uint8`` frames ``[H,W,3]`` or batches ``[B,H,W,3]``.
 
