@@ -211,7 +211,7 @@ def iter_video_frames(
     """
     from itertools import islice
 
-    from edtalk_live.media.clips import iter_video  # clips writes with atomic_write: no import at the top
+    from edtalk_live.media.clips import iter_video  # here, not at the top: media.clips imports this module
 
     path = _existing_file(path, "video file")
     for frame in islice(iter_video(path, fps), max_frames):
