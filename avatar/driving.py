@@ -50,7 +50,7 @@ def read_clip_motion(renderer: Renderer, path: str | os.PathLike[str], align: bo
     """
     size = renderer.config.size
     if align:
-        from edtalk_live.media.align import crop_clip
+        from edtalk_live.media.clips import crop_clip
 
         frames = crop_clip(path, size, fps=FPS)
         if max_frames is not None:

@@ -24,8 +24,9 @@ from PIL import Image
 
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.engines.base import PreparedSource, Renderer
-from edtalk_live.media.align import TEMPLATE_SIZE, Alignment, align_image, read_image, warp_image
-from edtalk_live.media.io import uint8_to_tensor
+from edtalk_live.media.faces import Alignment, align_image
+from edtalk_live.media.geometry import TEMPLATE_SIZE, scale_matrix, warp_image
+from edtalk_live.media.io import read_image, uint8_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ def default_avatar() -> Path:
     from edtalk_live.avatar.assets import DEFAULT_AVATAR
 
     return DEFAULT_AVATAR
-
-
-def resize_matrix(width: int, height: int, size: int) -> np.ndarray:
-    """2x3 photo -> crop matrix of a plain resize of a ``width`` x ``height`` photo to ``size`` (pixel centres)."""
-    kx, ky = size / width, size / height
-    return np.array([[kx, 0.0, 0.5 * kx - 0.5], [0.0, ky, 0.5 * ky - 0.5]])
 
 
 @dataclass(frozen=True)
@@ -65,11 +60,11 @@ class FaceImage:
         a = self.alignment
         if a is None or a.already_aligned:
             if (w, h) == (size, size):
-                return self.photo, resize_matrix(w, h, size)
+                return self.photo, scale_matrix(size / w, size / h)
             if w != h:
                 logger.warning("%s: image %dx%d is not square; it is stretched to %dx%d", self.name, w, h, size, size)
             crop = np.asarray(Image.fromarray(self.photo).resize((size, size), Image.Resampling.LANCZOS))
-            return crop, resize_matrix(w, h, size)
+            return crop, scale_matrix(size / w, size / h)
         k = size / a.size
         matrix = np.asarray(a.matrix, np.float64) * k
         matrix[:, 2] += 0.5 * k - 0.5                  # pixel centres stay pixel centres

@@ -19,7 +19,7 @@ import torch
 from edtalk_live.avatar.prepare import PreparedAvatar, prepare_avatar, read_face
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
-from edtalk_live.media.align import read_image
+from edtalk_live.media.io import read_image
 
 logger = logging.getLogger(__name__)
 

@@ -229,13 +229,13 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from edtalk_live.media.align import main_prepare
+    from edtalk_live.clients.prepare import main_prepare  # imports torch: only when used
 
     return main_prepare(args)
 
 
 def _run_weights(args: argparse.Namespace) -> int:
-    from edtalk_live.media.hub import main_weights
+    from edtalk_live.clients.weights import main_weights  # imports torch and huggingface_hub: only when used
 
     return main_weights(args)
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from edtalk_live.edtalk.errors import InputError
+from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ __all__ = [
     "window_starts",
 ]
 
-SAMPLE_RATE: Final[int] = 16000
-"""Audio sample rate the networks were trained on (Hz)."""
-FPS: Final[int] = 25
-"""Video frame rate the networks were trained on (frames per second)."""
-SAMPLES_PER_FRAME: Final[int] = SAMPLE_RATE // FPS  # 640
-"""Audio samples per video frame."""
 N_FFT: Final[int] = 800
 HOP: Final[int] = 200
 WIN_LENGTH: Final[int] = 800

@@ -1,6 +1,6 @@
 """Paste generated faces back into the full photo.
 
-The renderer works on an aligned square crop of the photo (``S×S``, see ``edtalk.align``). To show
+The renderer works on an aligned square crop of the photo (``S×S``, see ``media.faces``). To show
 the result at the photo's own size, every generated frame is warped back with the inverse of the
 alignment transform and blended into the photo through a feathered mask:
 

@@ -1,4 +1,6 @@
-"""The official weights in one command: fetch them from the Hugging Face Hub, validate them, list a folder.
+"""The official weights: fetch them from the Hugging Face Hub, validate them, list a folder.
+
+The ``edtalk-live weights`` command (:mod:`edtalk_live.clients.weights`) prints what these return::
 
     edtalk-live weights download [--dir DIR]     # Hub -> validated files in DIR (default folder below)
     edtalk-live weights list [--dir DIR]         # what DIR holds: family, size, widths, short hash
@@ -62,7 +64,6 @@ __all__ = [
     "format_weights",
     "inspect_weight_file",
     "list_weights",
-    "main_weights",
     "select_files",
     "usable",
 ]
@@ -563,28 +564,3 @@ def download_weights(dest: str | os.PathLike[str] | None = None, repo: str = HUB
         except OSError:
             pass
     return DownloadReport(repo=repo, origin=listing.origin, dest=dest, files=tuple(results), absent=absent)
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-
-def main_weights(args) -> int:
-    """``edtalk-live weights download|list``: print the report, return the exit code.
-
-    ``args``: ``action`` (``"download"`` or ``"list"``), ``dir`` (folder or None for the default),
-    and for download ``revision`` and ``source`` (both optional, may be absent). Returns 0 on
-    success; 1 when a downloaded file failed its checks or a needed file is missing, or when
-    ``list`` finds no usable generator. Hub failures raise :class:`EDTalkError` (one line).
-    """
-    action = getattr(args, "action", None)
-    folder = getattr(args, "dir", None)
-    if action == "download":
-        report = download_weights(folder, revision=getattr(args, "revision", None),
-                                  source=getattr(args, "source", None))
-        print(report.format())
-        return 0 if report.ok else 1
-    if action == "list":
-        rows = list_weights(folder)
-        print(format_weights(rows, folder))
-        return 0 if usable(rows) else 1
-    raise InputError(f"unknown weights action {action!r} (expected download or list)")

@@ -1,8 +1,11 @@
 """Media files in and out with PyAV and Pillow: audio, face images, driving videos, mp4 output.
 
-Images and frames cross the model boundary as float tensors ``[B,3,S,S]`` in [-1, 1]; frames
-going to an encoder are ``uint8`` arrays ``[B,S,S,3]`` (RGB). Every failure caused by the file
-itself is raised as :class:`edtalk.errors.InputError` with a one-line message naming the file.
+:func:`read_image` is the one image reader of the project: RGB ``uint8`` ``[H,W,3]``, upright per
+the photo's EXIF orientation (phones store photos sideways with a rotation tag). Images and frames
+cross the model boundary as float tensors ``[B,3,S,S]`` in [-1, 1]; frames going to an encoder are
+``uint8`` arrays ``[B,S,S,3]`` (RGB). Every failure caused by the file itself is raised as
+:class:`edtalk.errors.InputError` with a one-line message naming the file. :func:`atomic_write`
+puts a file in place only once it is complete.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -18,20 +21,23 @@ from types import TracebackType
 import av
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "VideoWriter",
+    "atomic_write",
     "image_to_tensor",
     "iter_video_frames",
     "load_audio",
     "load_image",
     "open_image",
     "probe_video",
+    "read_image",
     "read_video_frames",
     "to_uint8",
     "uint8_to_tensor",
@@ -63,10 +69,28 @@ def _reason(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a hidden file beside ``path``, renamed onto it only if that succeeds.
+
+    On any error the temporary file is deleted and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the output the usual permissions
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------- audio
 
 
-def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.ndarray:
+def load_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of any file PyAV reads (wav, mp3, m4a, mp4, ...).
 
     Returns mono float32 samples ``[N]`` at ``sample_rate`` (channels are mixed down and the
@@ -100,15 +124,25 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.nda
 # ----------------------------------------------------------------------------------------------- images
 
 
-def open_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open and fully decode an image file as RGB (fails fast on anything that is not an image)."""
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as RGB ``uint8`` ``[H,W,3]``, upright per its EXIF orientation.
+
+    The file is fully decoded (fails fast on anything that is not an image). A missing or unreadable
+    file raises :class:`InputError` with a one-line message naming it.
+    """
     path = _existing_file(path, "image file")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            upright = ImageOps.exif_transpose(img)
+            return np.asarray(upright.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"not a readable image: {path} ({_reason(exc)})") from exc
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """:func:`read_image` as a PIL image (RGB, upright per EXIF)."""
+    return Image.fromarray(read_image(path))
 
 
 def _resize(img: Image.Image, size: int) -> Image.Image:
@@ -139,7 +173,7 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
 
 def load_image(path: str | os.PathLike[str], size: int) -> torch.Tensor:
     """Read a face image -> float32 ``[1,3,S,S]`` in [-1, 1], RGB, resized to ``size``×``size``."""
-    return image_to_tensor(open_image(path), size)
+    return image_to_tensor(Image.fromarray(read_image(path)), size)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -166,7 +200,7 @@ def probe_video(path: str | os.PathLike[str]) -> None:
 def iter_video_frames(
     path: str | os.PathLike[str],
     size: int | None,
-    fps: int = 25,
+    fps: int = FPS,
     max_frames: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the frames of a video as RGB ``uint8`` ``[S,S,3]``, resampled to ``fps`` by timestamp.
@@ -177,7 +211,7 @@ def iter_video_frames(
     """
     from itertools import islice
 
-    from edtalk_live.media.align import iter_video
+    from edtalk_live.media.clips import iter_video  # here, not at the top: media.clips imports this module
 
     path = _existing_file(path, "video file")
     for frame in islice(iter_video(path, fps), max_frames):
@@ -187,7 +221,7 @@ def iter_video_frames(
 def read_video_frames(
     path: str | os.PathLike[str],
     size: int,
-    fps: int = 25,
+    fps: int = FPS,
     max_frames: int | None = None,
 ) -> torch.Tensor:
     """All frames of a video, resampled to ``fps`` -> float32 ``[N,3,S,S]`` in [-1, 1].
@@ -219,9 +253,9 @@ class VideoWriter:
         self,
         path: str | os.PathLike[str],
         size: int | tuple[int, int],
-        fps: int = 25,
+        fps: int = FPS,
         audio: np.ndarray | None = None,
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         crf: int = 18,
         preset: str = "medium",
     ) -> None:
@@ -346,8 +380,8 @@ def write_video(
     path: str | os.PathLike[str],
     frames: Iterable[np.ndarray],
     audio: np.ndarray | None = None,
-    fps: int = 25,
-    sample_rate: int = 16000,
+    fps: int = FPS,
+    sample_rate: int = SAMPLE_RATE,
 ) -> int:
     """Write an mp4 from an iterable of RGB ``uint8`` frames ``[H,W,3]`` or batches ``[B,H,W,3]``.
 

@@ -1,4 +1,5 @@
-"""Face alignment (``edtalk.align``): photos onto EDTalk's template, clips with one fixed box.
+"""Face alignment (``media.geometry``, ``media.faces``, ``media.clips``, ``clients.prepare``): photos onto
+EDTalk's template, clips with one fixed box.
 
 Pictures composed here use the default avatar shipped with the package, so they run without
 ``../shared``; tests on the EDTalk sample media skip with a reason when it is absent.
@@ -18,8 +19,9 @@ import pytest
 from PIL import Image
 
 from edtalk_live.avatar.assets import DEFAULT_AVATAR
+from edtalk_live.clients import prepare
 from edtalk_live.edtalk.errors import EDTalkError, InputError
-from edtalk_live.media import align
+from edtalk_live.media import clips, faces, geometry
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TESTDATA = SHARED / "testdata" / "edtalk"
@@ -50,28 +52,28 @@ def _place(canvas: np.ndarray, face: np.ndarray, scale: float, angle: float, cx:
     m[:, :2] = rot
     m[:, 2] = np.array([cx, cy]) - rot @ ((np.array(face.shape[1::-1]) - 1) / 2)
     h, w = canvas.shape[:2]
-    corners = align.apply_affine(m, np.array([[0, 0], [face.shape[1], 0], [0, face.shape[0]], face.shape[1::-1]]))
+    corners = geometry.apply_affine(m, np.array([[0, 0], [face.shape[1], 0], [0, face.shape[0]], face.shape[1::-1]]))
     x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int) - 1, 0)
     x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2, (w, h))
     local = m.copy()
     local[:, 2] -= (x0, y0)  # warp only the window the face lands in
-    warped = align.warp_image(face, local, (x1 - x0, y1 - y0), padding="zeros").astype(np.float64)
-    mask = align.warp_image(np.full_like(face, 255), local, (x1 - x0, y1 - y0), padding="zeros")[..., :1] / 255.0
+    warped = geometry.warp_image(face, local, (x1 - x0, y1 - y0), padding="zeros").astype(np.float64)
+    mask = geometry.warp_image(np.full_like(face, 255), local, (x1 - x0, y1 - y0), padding="zeros")[..., :1] / 255.0
     out = canvas.copy()
     window = out[y0:y1, x0:x1]
     out[y0:y1, x0:x1] = np.round(window * (1 - mask) + warped * mask).astype(np.uint8)
     return out, m
 
 
-def _check_on_template(alignment: align.Alignment) -> np.ndarray:
+def _check_on_template(alignment: faces.Alignment) -> np.ndarray:
     """Detect again on the crop: the 5 points must lie on the template and where the matrix says."""
     size = alignment.size
-    faces = align.detect_faces(alignment.crop)
-    assert faces, "no face found again in the aligned crop"
-    found = faces[0].landmarks * (256 / size)
-    err = np.linalg.norm(found - align.template_points(256), axis=1)
+    again = faces.detect_faces(alignment.crop)
+    assert again, "no face found again in the aligned crop"
+    found = again[0].landmarks * (256 / size)
+    err = np.linalg.norm(found - geometry.template_points(256), axis=1)
     assert (err[:4] <= EYE_TOL).all() and err[4] <= NOSE_TOL, f"landmarks off the template by {err.round(1)} px"
-    mapped = align.apply_affine(alignment.matrix, alignment.landmarks) * (256 / size)
+    mapped = geometry.apply_affine(alignment.matrix, alignment.landmarks) * (256 / size)
     warp_err = np.linalg.norm(found - mapped, axis=1)
     assert warp_err.max() <= WARP_TOL, f"crop landmarks off the transformed photo landmarks by {warp_err.round(1)}"
     return err
@@ -86,19 +88,19 @@ def test_similarity_transform_recovers_a_known_transform_without_reflection():
     a, s, t = np.radians(-23.0), 0.37, np.array([41.0, -7.5])
     rot = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     dst = src @ rot.T + t
-    m = align.similarity_transform(src, dst)
+    m = geometry.similarity_transform(src, dst)
     np.testing.assert_allclose(m[:, :2], rot, atol=1e-9)
     np.testing.assert_allclose(m[:, 2], t, atol=1e-7)
     # a mirrored point set is fitted by a proper rotation, never a reflection
     mirrored = dst * np.array([-1.0, 1.0])
-    assert np.linalg.det(align.similarity_transform(src, mirrored)[:, :2]) > 0
-    np.testing.assert_allclose(align.apply_affine(align.invert_affine(m), dst), src, atol=1e-7)
+    assert np.linalg.det(geometry.similarity_transform(src, mirrored)[:, :2]) > 0
+    np.testing.assert_allclose(geometry.apply_affine(geometry.invert_affine(m), dst), src, atol=1e-7)
 
 
 def test_template_points_are_the_five_point_rows_scaled():
-    pts = align.template_points(256)
+    pts = geometry.template_points(256)
     np.testing.assert_array_equal(pts, [[176, 114], [154, 115], [94, 114], [118, 114], [141, 157]])
-    np.testing.assert_allclose(align.template_points(512), 2 * pts)
+    np.testing.assert_allclose(geometry.template_points(512), 2 * pts)
 
 
 @needs_testdata
@@ -106,17 +108,17 @@ def test_template_constant_matches_the_fixture():
     fixture = SHARED / "fixtures" / "edtalk_crop_template.npy"
     if not fixture.is_file():
         pytest.skip(f"template fixture not found at {fixture}")
-    np.testing.assert_array_equal(align.EDTALK_TEMPLATE, np.load(fixture))
+    np.testing.assert_array_equal(geometry.EDTALK_TEMPLATE, np.load(fixture))
 
 
 def test_missing_dlib_gives_an_install_hint(monkeypatch):
-    align._dlib_models.cache_clear()
+    faces._dlib_models.cache_clear()
     monkeypatch.setitem(sys.modules, "dlib", None)
     try:
         with pytest.raises(EDTalkError, match="pip install dlib-bin face-recognition-models"):
-            align.detect_faces(_background(64, 64))
+            faces.detect_faces(_background(64, 64))
     finally:
-        align._dlib_models.cache_clear()
+        faces._dlib_models.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------- photos
@@ -125,7 +127,7 @@ def test_missing_dlib_gives_an_install_hint(monkeypatch):
 @needs_testdata
 @pytest.mark.parametrize("name", ["identity_source.jpg", "uncrop_face.jpg", "leijun.png"])
 def test_photos_align_onto_the_template(name):
-    alignment = align.align_file(TESTDATA / name, size=256)
+    alignment = faces.align_file(TESTDATA / name, size=256)
     assert not alignment.already_aligned
     assert alignment.crop.shape == (256, 256, 3) and alignment.crop.dtype == np.uint8
     assert alignment.face_count == 1
@@ -138,28 +140,28 @@ def test_frames_of_a_real_clip_align():
         frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i % 200 == 0]
     assert len(frames) == 3
     for frame in frames:
-        _check_on_template(align.align_image(frame, size=256))
+        _check_on_template(faces.align_image(frame, size=256))
 
 
 @pytest.mark.parametrize("angle", [25.0, 50.0])
 def test_small_tilted_face_in_a_large_picture(angle):
     picture, placed = _place(_background(1200, 900), _avatar(), scale=0.5, angle=angle, cx=800, cy=330)
-    faces = align.detect_faces(picture)
-    assert len(faces) == 1
+    found = faces.detect_faces(picture)
+    assert len(found) == 1
     if angle > 45:  # beyond the upright detector: found on a turned copy and mapped back
-        assert faces[0].angle != 0
-    alignment = align.align_image(picture, size=256)
+        assert found[0].angle != 0
+    alignment = faces.align_image(picture, size=256)
     assert alignment.face_count == 1
     _check_on_template(alignment)
     # aligning undoes the placement: about 1/0.5 times larger and turned back
-    back = align._compose(alignment.matrix, placed)
+    back = geometry._compose(alignment.matrix, placed)
     assert abs(np.degrees(np.arctan2(back[1, 0], back[0, 0]))) < 5.0
     assert abs(np.sqrt(np.linalg.det(back[:, :2])) - 1.0) < 0.1
 
 
 def test_size_other_than_256():
     picture, _ = _place(_background(640, 480), _avatar(), scale=0.8, angle=-10.0, cx=300, cy=260)
-    alignment = align.align_image(picture, size=128)
+    alignment = faces.align_image(picture, size=128)
     assert alignment.crop.shape == (128, 128, 3)
     _check_on_template(alignment)
 
@@ -167,19 +169,19 @@ def test_size_other_than_256():
 def test_the_largest_face_wins_and_face_n_picks_another(tmp_path, capsys):
     picture, big = _place(_background(1000, 700), _avatar(), scale=1.0, angle=0.0, cx=300, cy=350)
     picture, small = _place(picture, _avatar(), scale=0.6, angle=0.0, cx=760, cy=340)
-    first = align.align_image(picture, size=256)
-    second = align.align_image(picture, size=256, face=1)
+    first = faces.align_image(picture, size=256)
+    second = faces.align_image(picture, size=256, face=1)
     assert first.face_count == second.face_count == 2
     assert first.box[2] < 500 < second.box[0], (first.box, second.box)
     # the crops are nearly the same picture: the same face at two sizes
     assert np.abs(first.crop.astype(int) - second.crop.astype(int)).mean() < 20
     with pytest.raises(InputError, match="2 face"):
-        align.align_image(picture, size=256, face=2)
+        faces.align_image(picture, size=256, face=2)
 
     path = tmp_path / "two.png"
     Image.fromarray(picture).save(path)
     out = tmp_path / "face.png"
-    assert align.main_prepare(SimpleNamespace(image=str(path), video=None, out=str(out), size=256, face=1)) == 0
+    assert prepare.main_prepare(SimpleNamespace(image=str(path), video=None, out=str(out), size=256, face=1)) == 0
     printed = capsys.readouterr().out
     assert "found 2 face(s); using face 1" in printed
     assert out.is_file() and out.with_suffix(".json").is_file()
@@ -194,35 +196,35 @@ def test_no_face_fails_cleanly_and_writes_nothing(tmp_path):
     out_dir.mkdir()
     args = SimpleNamespace(image=str(path), video=None, out=str(out_dir / "face.png"), size=256, face=0)
     with pytest.raises(InputError, match=r"noise\.png: no face found"):
-        align.main_prepare(args)
+        prepare.main_prepare(args)
     assert list(out_dir.iterdir()) == []
     with pytest.raises(InputError, match="no face found"):
-        align.align_image(_background(200, 150))
+        faces.align_image(_background(200, 150))
 
 
 @needs_testdata
 def test_an_aligned_crop_is_used_as_it_is():
     path = TESTDATA / "crop_identity_source.jpg"
     pixels = np.asarray(Image.open(path).convert("RGB"))
-    alignment = align.align_file(path, size=256)
+    alignment = faces.align_file(path, size=256)
     assert alignment.already_aligned
     np.testing.assert_array_equal(alignment.crop, pixels)
     np.testing.assert_allclose(alignment.matrix, [[1, 0, 0], [0, 1, 0]])
-    half = align.align_file(path, size=128)
+    half = faces.align_file(path, size=128)
     assert half.already_aligned and half.crop.shape == (128, 128, 3)
     expected = np.asarray(Image.fromarray(pixels).resize((128, 128), Image.Resampling.LANCZOS))
     np.testing.assert_array_equal(half.crop, expected)
     # a photo that still needs aligning is not mistaken for a crop, though it is square too
-    assert not align.align_file(TESTDATA / "identity_source.jpg", size=256).already_aligned
+    assert not faces.align_file(TESTDATA / "identity_source.jpg", size=256).already_aligned
 
 
 def test_outside_the_photo_is_filled_by_reflection():
     photo = np.ascontiguousarray(_avatar()[78:, 20:])  # forehead cut off, face near the top edge
-    alignment = align.align_image(photo, size=256)
+    alignment = faces.align_image(photo, size=256)
     assert not alignment.already_aligned
     top = alignment.crop[:24].astype(int)
     # the same warp with zero padding leaves a black band there: the check can fail
-    black = align.warp_image(photo, alignment.matrix, 256, padding="zeros")[:24].astype(int)
+    black = geometry.warp_image(photo, alignment.matrix, 256, padding="zeros")[:24].astype(int)
     assert black.max(axis=-1).min() == 0
     assert top.max(axis=-1).min() > 30, "a black region in the crop"
     _check_on_template(alignment)
@@ -233,27 +235,27 @@ def test_alignment_json_round_trips_and_maps_the_landmarks(tmp_path):
     path = tmp_path / "photo.png"
     Image.fromarray(picture).save(path)
     out = tmp_path / "face.png"
-    align.main_prepare(SimpleNamespace(image=str(path), video=None, out=str(out), size=256, face=0))
-    record = align.load_alignment_json(tmp_path / "face.json")
-    fresh = align.align_file(path, size=256)
+    prepare.main_prepare(SimpleNamespace(image=str(path), video=None, out=str(out), size=256, face=0))
+    record = faces.load_alignment_json(tmp_path / "face.json")
+    fresh = faces.align_file(path, size=256)
     assert record.photo_size == (800, 600) and record.size == 256 and record.source == str(path)
     assert record.face_count == 1 and not record.already_aligned
     np.testing.assert_allclose(record.matrix, fresh.matrix)
-    np.testing.assert_allclose(align.apply_affine(record.inverse, align.apply_affine(record.matrix, record.landmarks)),
-                               record.landmarks, atol=1e-6)
-    mapped = align.apply_affine(record.matrix, record.landmarks)
-    assert np.linalg.norm(mapped - align.template_points(256), axis=1).max() < NOSE_TOL
+    round_trip = geometry.apply_affine(record.inverse, geometry.apply_affine(record.matrix, record.landmarks))
+    np.testing.assert_allclose(round_trip, record.landmarks, atol=1e-6)
+    mapped = geometry.apply_affine(record.matrix, record.landmarks)
+    assert np.linalg.norm(mapped - geometry.template_points(256), axis=1).max() < NOSE_TOL
     np.testing.assert_array_equal(np.asarray(Image.open(out)), fresh.crop)
     with pytest.raises(InputError, match="not an alignment file"):
         (tmp_path / "bad.json").write_text("{}")
-        align.load_alignment_json(tmp_path / "bad.json")
+        faces.load_alignment_json(tmp_path / "bad.json")
 
 
 def test_default_avatar_is_an_aligned_crop():
     assert DEFAULT_AVATAR.is_file()
     with Image.open(DEFAULT_AVATAR) as img:
         assert img.format == "PNG" and img.size == (256, 256) and img.mode == "RGB"
-    alignment = align.align_file(DEFAULT_AVATAR, size=256)
+    alignment = faces.align_file(DEFAULT_AVATAR, size=256)
     assert alignment.already_aligned and alignment.face_count == 1
     _check_on_template(alignment)
 
@@ -298,7 +300,7 @@ def moving_clip(tmp_path_factory) -> Path:
 
 
 def test_clip_box_is_one_square_box_around_every_face(moving_clip):
-    box = align.find_clip_box(moving_clip)
+    box = clips.find_clip_box(moving_clip)
     x0, y0, x1, y1 = box.box
     assert not box.already_cropped
     assert abs((x1 - x0) - (y1 - y0)) < 1e-6
@@ -308,7 +310,7 @@ def test_clip_box_is_one_square_box_around_every_face(moving_clip):
     with av.open(str(moving_clip)) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i % 6 == 0:
-                f = align.detect_faces(frame.to_ndarray(format="rgb24"), rotations=False)[0]
+                f = faces.detect_faces(frame.to_ndarray(format="rgb24"), rotations=False)[0]
                 assert x0 <= f.box[0] and y0 <= f.box[1] and f.box[2] <= x1 and f.box[3] <= y1, (i, f.box, box.box)
                 boxes.append(f.box)
     # the union of the face boxes (the drift included), enlarged as EDTalk's clip preprocessing does
@@ -320,20 +322,21 @@ def test_clip_box_is_one_square_box_around_every_face(moving_clip):
 @needs_testdata
 def test_clip_box_of_a_real_clip_contains_every_face():
     path = TESTDATA / "uncrop_Obama.mp4"
-    box = align.find_clip_box(path)
+    box = clips.find_clip_box(path)
     x0, y0, x1, y1 = box.box
     assert abs((x1 - x0) - (y1 - y0)) < 1e-6 and box.frame_size == (450, 450)
     assert box.faces_found >= 45
     with av.open(str(path)) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i % 25 == 0:
-                f = align.detect_faces(frame.to_ndarray(format="rgb24"), rotations=False)[0]
+                f = faces.detect_faces(frame.to_ndarray(format="rgb24"), rotations=False)[0]
                 assert x0 <= f.box[0] and y0 <= f.box[1] and f.box[2] <= x1 and f.box[3] <= y1, (i, f.box, box.box)
 
 
 def test_prepare_video_writes_a_fixed_box_25fps_clip(moving_clip, tmp_path, capsys):
     out = tmp_path / "aligned.mp4"
-    assert align.main_prepare(SimpleNamespace(image=None, video=str(moving_clip), out=str(out), size=256, face=0)) == 0
+    args = SimpleNamespace(image=None, video=str(moving_clip), out=str(out), size=256, face=0)
+    assert prepare.main_prepare(args) == 0
     assert "wrote" in capsys.readouterr().out
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
@@ -345,10 +348,10 @@ def test_prepare_video_writes_a_fixed_box_25fps_clip(moving_clip, tmp_path, caps
         assert audio.sample_rate == 16000
         assert abs(float(audio.duration * audio.time_base) - 2.0) < 0.15  # AAC pads to 1024-sample frames
     # one fixed box: the face drifts right inside the crop (the clip's motion is kept)
-    first = align.detect_faces(frames[0], rotations=False)[0].box
-    last = align.detect_faces(frames[-1], rotations=False)[0].box
+    first = faces.detect_faces(frames[0], rotations=False)[0].box
+    last = faces.detect_faces(frames[-1], rotations=False)[0].box
     shift = (last[0] + last[2]) / 2 - (first[0] + first[2]) / 2
-    box = align.find_clip_box(moving_clip).box
+    box = clips.find_clip_box(moving_clip).box
     assert abs(shift - 58 * 256 / (box[2] - box[0])) < 12, shift
     assert [p.name for p in tmp_path.iterdir()] == ["aligned.mp4"]
 
@@ -359,16 +362,16 @@ def test_prepare_video_without_a_face_leaves_no_output(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(InputError, match="no face found"):
-        align.prepare_video(clip, out_dir / "aligned.mp4", size=256)
+        clips.prepare_video(clip, out_dir / "aligned.mp4", size=256)
     assert list(out_dir.iterdir()) == []
 
 
 @needs_testdata
 def test_an_already_cropped_clip_keeps_its_frames():
     path = TESTDATA / "pose_source1.mp4"
-    box = align.find_clip_box(path)
+    box = clips.find_clip_box(path)
     assert box.already_cropped and box.box == (-0.5, -0.5, 255.5, 255.5)
-    frames = list(align.crop_clip(path, 256, box=box))
+    frames = list(clips.crop_clip(path, 256, box=box))
     with av.open(str(path)) as container:
         original = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == len(original)
@@ -381,6 +384,6 @@ def test_a_30fps_clip_is_resampled_to_25fps():
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         duration = float(stream.frames / stream.average_rate)
-    n = sum(1 for _ in align.crop_clip(path, 64, box=align.ClipBox((-0.5, -0.5, 255.5, 255.5), (256, 256), 0, 0,
+    n = sum(1 for _ in clips.crop_clip(path, 64, box=clips.ClipBox((-0.5, -0.5, 255.5, 255.5), (256, 256), 0, 0,
                                                                      True)))
     assert abs(n - duration * 25) <= 1

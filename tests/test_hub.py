@@ -21,6 +21,7 @@ import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 import edtalk_live.edtalk as edtalk
+from edtalk_live.clients import weights
 from edtalk_live.edtalk.checkpoint import weights_hash
 from edtalk_live.edtalk.errors import CheckpointError, EDTalkError, InputError
 from edtalk_live.media import hub
@@ -258,7 +259,7 @@ def test_offline_without_cache_is_one_line_and_writes_nothing(monkeypatch, tmp_p
     # the same through the command and the default folder
     monkeypatch.setenv("EDTALK_LIVE_WEIGHTS", str(dest))
     with pytest.raises(EDTalkError, match="cannot reach the Hugging Face Hub"):
-        hub.main_weights(argparse.Namespace(action="download", dir=None))
+        weights.main_weights(argparse.Namespace(action="download", dir=None))
     assert not dest.exists()
 
 
@@ -269,7 +270,7 @@ def test_offline_in_a_fresh_process(tmp_path: Path):
            "EDTALK_LIVE_WEIGHTS": str(dest)}
     code = (
         "import argparse, sys\n"
-        "from edtalk_live.media.hub import main_weights\n"
+        "from edtalk_live.clients.weights import main_weights\n"
         "from edtalk_live.edtalk.errors import EDTalkError\n"
         "try:\n"
         "    main_weights(argparse.Namespace(action='download', dir=None))\n"
@@ -472,7 +473,7 @@ def test_list_weights(source: Path, tmp_path: Path, capsys):
     assert gen.short_hash == weights_hash(sd)[:8]
     happy = rows["predefined_exp_weights/happy.npy"]
     assert happy.short_hash == hashlib.sha256((dest / happy.name).read_bytes()).hexdigest()[:8]
-    assert hub.main_weights(argparse.Namespace(action="list", dir=str(dest))) == 0
+    assert weights.main_weights(argparse.Namespace(action="list", dir=str(dest))) == 0
     out = capsys.readouterr().out
     assert f"weights folder: {dest}" in out and "8 emotion presets" in out and gen.short_hash in out
     assert "usable: EDTalk.pt (edtalk, 64x64)" in out
@@ -486,13 +487,13 @@ def test_list_weights(source: Path, tmp_path: Path, capsys):
     assert rows["Audio2Lip.pt"].status == "missing"
     assert rows["predefined_exp_weights/sad.npy"].status == "damaged"
     assert rows["EDTalk_lip_pose.pt"].ok
-    assert hub.main_weights(argparse.Namespace(action="list", dir=str(dest))) == 1  # --weights would load EDTalk.pt
+    assert weights.main_weights(argparse.Namespace(action="list", dir=str(dest))) == 1  # --weights would load EDTalk.pt
     out = capsys.readouterr().out
     assert "EDTalk.pt is damaged" in out and "missing: not in this folder" in out
     assert "7 emotion presets" in out
 
     (dest / "EDTalk.pt").unlink()  # the lip_pose model is then the one used
-    assert hub.main_weights(argparse.Namespace(action="list", dir=str(dest))) == 0
+    assert weights.main_weights(argparse.Namespace(action="list", dir=str(dest))) == 0
     assert "usable for video-driven motion only" in capsys.readouterr().out
 
 
@@ -500,7 +501,7 @@ def test_list_missing_folder(tmp_path: Path, capsys):
     rows = hub.list_weights(tmp_path / "nowhere")
     assert [r.status for r in rows] == ["missing"] * 4
     assert rows[-1].name == "predefined_exp_weights/*.npy"
-    assert hub.main_weights(argparse.Namespace(action="list", dir=None)) == 1  # the default folder, empty
+    assert weights.main_weights(argparse.Namespace(action="list", dir=None)) == 1  # the default folder, empty
     out = capsys.readouterr().out
     assert str(default_weights_dir()) in out and "run `edtalk-live weights download`" in out
 
@@ -518,14 +519,14 @@ def test_list_finds_the_reference_layout(source: Path, capsys):
 def test_main_weights_download(source: Path, tmp_path: Path, capsys):
     dest = tmp_path / "weights"
     args = argparse.Namespace(action="download", dir=str(dest), source=str(source), revision=None)
-    assert hub.main_weights(args) == 0
+    assert weights.main_weights(args) == 0
     out = capsys.readouterr().out
     assert f"into {dest}" in out and "11 files placed" in out
     _truncate(source / "ckpts" / "Audio2Lip.pt")
-    assert hub.main_weights(args) == 1
+    assert weights.main_weights(args) == 1
     assert "1 failed the checks and was not placed" in capsys.readouterr().out
     (source / "ckpts" / "Audio2Lip.pt").unlink()  # absent from the repository: incomplete, not ok
-    assert hub.main_weights(args) == 1
+    assert weights.main_weights(args) == 1
     assert "Audio2Lip.pt  not in the repository" in capsys.readouterr().out
     with pytest.raises(InputError, match="unknown weights action"):
-        hub.main_weights(argparse.Namespace(action="fetch", dir=None))
+        weights.main_weights(argparse.Namespace(action="fetch", dir=None))

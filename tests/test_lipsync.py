@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import edtalk_live.edtalk as edtalk
-from edtalk_live.avatar.lipsync import LipFrame, LipSyncConfig, StreamingLipSync, StreamingMel
+from edtalk_live.avatar.lipsync import LipFrame, LipSyncConfig, StreamingLipSync
 from edtalk_live.edtalk import audio
+from edtalk_live.edtalk.audio_stream import StreamingMel
 from edtalk_live.edtalk.errors import InputError
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "edtalk_s64.pt"

@@ -1,4 +1,4 @@
-"""clients.media: audio decoding and resampling, images, 25 fps video reading, atomic mp4 writing."""
+"""media.io: audio decoding and resampling, images, 25 fps video reading, atomic mp4 writing."""
 
 from __future__ import annotations
 
@@ -100,6 +100,68 @@ def test_load_image_errors(tmp_path):
         media.load_image(text, 64)
     with pytest.raises(InputError, match="not found"):
         media.load_image(tmp_path / "missing.png", 64)
+
+
+def _pattern(w: int, h: int) -> np.ndarray:
+    """A smooth, asymmetric RGB picture (a turned or mirrored copy differs everywhere)."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([255 * x / (w - 1), 255 * y / (h - 1), 128 + 100 * np.sin(x / 9.0) * np.cos(y / 13.0)], -1)
+    return np.clip(rgb, 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(("orientation", "stored_turn"), [
+    (6, Image.Transpose.ROTATE_90),    # 6: "rotate 90 CW to display": the pixels are stored turned CCW
+    (8, Image.Transpose.ROTATE_270),   # 8: "rotate 90 CCW to display": stored turned CW
+])
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_read_image_honours_exif_orientation(tmp_path, orientation, stored_turn, suffix):
+    """A phone photo stored sideways with an EXIF orientation tag reads upright, as the phone shows it."""
+    upright = _pattern(96, 64)
+    stored = Image.fromarray(upright).transpose(stored_turn)
+    assert stored.size == (64, 96)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"phone{suffix}"
+    stored.save(path, exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+    with Image.open(path) as check:
+        assert check.getexif().get(0x0112) == orientation  # the tag really is in the file
+
+    rgb = media.read_image(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 96, 3)
+    err = np.abs(rgb.astype(int) - upright.astype(int))
+    if suffix == ".png":
+        assert err.max() == 0
+    else:
+        assert err.mean() < 2.0, err.mean()  # JPEG rounding only; a wrong turn is off by about 100
+    # the readers built on it agree
+    np.testing.assert_array_equal(np.asarray(media.open_image(path)), rgb)
+    expected = media.image_to_tensor(Image.fromarray(rgb), 32)
+    torch.testing.assert_close(media.load_image(path, 32), expected)
+
+
+def test_read_image_without_exif_and_other_modes(tmp_path):
+    upright = _pattern(40, 30)
+    Image.fromarray(upright).save(tmp_path / "plain.png")
+    np.testing.assert_array_equal(media.read_image(tmp_path / "plain.png"), upright)
+    Image.fromarray(upright).convert("L").save(tmp_path / "grey.png")
+    grey = media.read_image(tmp_path / "grey.png")
+    assert grey.shape == (30, 40, 3) and (grey[..., 0] == grey[..., 2]).all()
+    Image.fromarray(upright).convert("RGBA").save(tmp_path / "alpha.png")
+    np.testing.assert_array_equal(media.read_image(tmp_path / "alpha.png"), upright)
+
+
+def test_read_image_errors_are_one_line_and_name_the_file(tmp_path):
+    text = tmp_path / "face.jpg"
+    text.write_text("not an image")
+    truncated = tmp_path / "cut.png"
+    Image.fromarray(_pattern(64, 64)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    for path, what in [(text, "not a readable image"), (truncated, "not a readable image"),
+                       (tmp_path / "missing.png", "not found"), (tmp_path, "not a file")]:
+        with pytest.raises(InputError) as info:
+            media.read_image(path)
+        message = str(info.value)
+        assert what in message and str(path) in message and "\n" not in message, message
 
 
 def test_to_uint8_clamps_and_rounds():
