@@ -92,3 +92,45 @@ def test_empty_or_missing_folder(tmp_path, renderer):
         store.prepare_dir(tmp_path / "nope")
     with pytest.raises(edtalk.InputError, match="no images"):
         store.prepare_dir(tmp_path)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_sideways_phone_photo_is_served_and_rendered_upright(tmp_path, renderer, testdata, clips, edtalk_weights,
+                                                             orientation):
+    """A photo stored sideways with an EXIF rotation gives the avatar of the upright photo, live and offline."""
+    from PIL import Image
+
+    from edtalk_live.avatar.prepare import read_face
+    from edtalk_live.avatar.render import render_file
+
+    r, model = renderer
+    upright = tmp_path / "upright.png"
+    sideways = tmp_path / "sideways.jpg"
+    with Image.open(testdata / "uncrop_face.jpg") as img:
+        img = img.convert("RGB")
+        img.save(upright)
+        # what a phone does: the sensor's pixels stored as they are, the rotation in the EXIF tag
+        stored = img.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(sideways, quality=98, exif=exif)
+    a, b = read_face(upright), read_face(sideways)
+    assert b.photo.shape == a.photo.shape
+    crop_a, crop_b = a.crop(64)[0].astype(float), b.crop(64)[0].astype(float)
+    assert np.abs(crop_a - crop_b).mean() < 3.0          # JPEG, nothing else
+    # serve (the avatar store) and render take the same path
+    served = AvatarStore(r, model.weights_id, None).prepare(sideways)
+    reference = AvatarStore(r, model.weights_id, None).prepare(upright)
+    assert np.abs(served.crop.astype(float) - reference.crop.astype(float)).mean() < 3.0
+    assert np.abs(served.idle_frame.astype(float) - reference.idle_frame.astype(float)).mean() < 3.0
+    rotated = np.rot90(reference.crop, 1 if orientation == 6 else -1).astype(float)
+    assert np.abs(served.crop.astype(float) - rotated).mean() > 10.0, "the test photo is not orientation-sensitive"
+    outs = []
+    for name, photo in (("a", upright), ("b", sideways)):
+        out = tmp_path / f"{name}.mp4"
+        render_file(edtalk_weights, photo, clips["wav_1_23s"], out, progress=False)
+        import av
+
+        with av.open(str(out)) as c:
+            outs.append(next(c.decode(video=0)).to_ndarray(format="rgb24").astype(float))
+    assert np.abs(outs[0] - outs[1]).mean() < 6.0             # JPEG, through the random networks and H.264
