@@ -13,14 +13,14 @@ from pathlib import Path
 
 from edtalk_live.edtalk.errors import EDTalkError
 from edtalk_live.edtalk.model import EDTalkModel
-from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_numpy, to_uint8_torch
+from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_frames, to_uint8_numpy, to_uint8_torch
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 __all__ = ["Avatar", "BACKENDS", "PreparedSource", "Renderer", "available_backends", "cache_dir", "create_renderer",
-           "ensure_onnx", "to_uint8_numpy", "to_uint8_torch"]
+           "ensure_onnx", "to_frames", "to_uint8_numpy", "to_uint8_torch"]
 
 
 def cache_dir() -> Path:
@@ -51,13 +51,13 @@ def available_backends() -> dict[str, str]:
 
 def ensure_onnx(model: EDTalkModel, onnx_dir: str | Path | None = None) -> Path:
     """Return an ONNX export directory for ``model``, exporting into the cache when none exists yet."""
-    from edtalk_live.export.onnx import MANIFEST, export_model
+    from edtalk_live.export.manifest import manifest_path
+    from edtalk_live.export.onnx import export_model
 
     if onnx_dir is not None:
         return Path(onnx_dir)
     out = cache_dir() / "onnx" / model.weights_id
-    manifest = out / MANIFEST
-    if manifest.is_file():
+    if manifest_path(out).is_file():
         logger.info("using cached ONNX export %s", out)
         return out
     logger.info("exporting ONNX graphs to %s (once per weights)", out)

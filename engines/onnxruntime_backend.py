@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from edtalk_live.edtalk.config import ModelConfig
 from edtalk_live.edtalk.errors import EDTalkError
 from edtalk_live.edtalk.motion import Motion
-from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_numpy
+from edtalk_live.engines.base import PreparedSource, Renderer
+from edtalk_live.export.manifest import read_manifest
+
+#: execution providers whose outputs are computed on a CUDA device
+CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +29,23 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def read_manifest(onnx_dir: str | Path) -> dict:
-    path = Path(onnx_dir) / "manifest.json"
-    if not path.is_file():
-        raise EDTalkError(f"{path}: no ONNX export manifest here (run `edtalk-live export --weights DIR --out DIR`)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EDTalkError(f"{path}: unreadable manifest ({e})") from None
+def provider_device(providers: list) -> torch.device:
+    """Where a session with these providers (first = preferred) computes: ``cuda:<device_id>`` or ``cpu``.
+
+    Providers are names or ``(name, options)`` pairs as ONNX Runtime takes them; a CUDA provider
+    counts only when torch sees a CUDA device too (the device is for torch follow-up work).
+    """
+    if not providers:
+        return torch.device("cpu")
+    first = providers[0]
+    name, options = (first[0], dict(first[1] or {})) if isinstance(first, tuple | list) else (first, {})
+    if name in CUDA_PROVIDERS and torch.cuda.is_available():
+        return torch.device("cuda", int(options.get("device_id", 0)))
+    return torch.device("cpu")
+
+
+def _provider_name(provider: Any) -> str:
+    return str(provider[0] if isinstance(provider, tuple | list) else provider)
 
 
 class OnnxRuntimeRenderer(Renderer):
@@ -48,8 +60,8 @@ class OnnxRuntimeRenderer(Renderer):
             raise EDTalkError("onnxruntime is not installed: pip install 'edtalk-live[onnx]'") from None
         self.onnx_dir = Path(onnx_dir)
         self.manifest = read_manifest(self.onnx_dir)
-        super().__init__(ModelConfig.from_dict(self.manifest["config"]))
         self.providers = providers or default_providers()
+        super().__init__(self.manifest.model_config(), provider_device(self.providers))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads or os.environ.get("EDTALK_ORT_THREADS"):
@@ -58,18 +70,14 @@ class OnnxRuntimeRenderer(Renderer):
         self._sessions: dict[str, object] = {}
 
     def describe(self) -> str:
-        return f"onnxruntime ({', '.join(p.removesuffix('ExecutionProvider') for p in self.providers)})"
+        names = (_provider_name(p).removesuffix("ExecutionProvider") for p in self.providers)
+        return f"onnxruntime ({', '.join(names)})"
 
     def _session(self, stage: str):
         if stage not in self._sessions:
             import onnxruntime as ort
 
-            graphs = self.manifest["graphs"]
-            if stage not in graphs:
-                raise EDTalkError(f"{self.onnx_dir}: the export has no '{stage}' graph")
-            path = self.onnx_dir / graphs[stage]["file"]
-            if not path.is_file():
-                raise EDTalkError(f"{path}: missing ONNX graph")
+            path = self.manifest.graph_path(stage)
             self._sessions[stage] = ort.InferenceSession(str(path), self._opts, providers=self.providers)
         return self._sessions[stage]
 
@@ -78,40 +86,31 @@ class OnnxRuntimeRenderer(Renderer):
         feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
         return sess.run(None, feeds)
 
-    def _feat_names(self) -> list[str]:
-        return [n for n in self.manifest["graphs"]["decoder"]["inputs"] if n.startswith("feat")]
+    def _from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=np.float32)
 
     def _prepare_source(self, image: torch.Tensor) -> PreparedSource:
         wa, *feats = self._run("encoder", {"image": image.numpy()})
         return PreparedSource(wa, tuple(feats), self.name)
 
     def _expression_feats(self, source: PreparedSource, exp: torch.Tensor) -> tuple:
-        names = self._feat_names()
-        feeds = dict(zip(names, source.feats, strict=True))
+        feeds = dict(zip(self.manifest.feat_names("expression"), source.feats, strict=True))
         feeds["exp"] = exp.numpy()
         return tuple(self._run("expression", feeds))
 
     def _read_motion(self, images: torch.Tensor) -> Motion:
-        outs = [torch.from_numpy(o) for o in self._run("motion", {"image": images.numpy()})]
-        return Motion(outs[0], outs[1], outs[2] if len(outs) > 2 else None)
+        return self._motion(self._run("motion", {"image": images.numpy()}))
 
     def _audio_to_lip(self, mel: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._run("audio2lip", {"mel": mel.numpy()})[0])
 
-    def _render(self, avatars: list[Avatar], lip: torch.Tensor, pose: torch.Tensor, exp: torch.Tensor | None,
-                raw: bool) -> np.ndarray:
-        first = avatars[0]
-        if all(a is first for a in avatars):
-            wa, feats = first.wa, first.feats
-        else:
-            wa = np.concatenate([a.wa for a in avatars])
-            feats = tuple(np.concatenate([a.feats[k] for a in avatars]) for k in range(len(first.feats)))
-        feeds = {"wa": wa, **dict(zip(self._feat_names(), feats, strict=True)), "lip": lip.numpy(),
+    def _render(self, wa: np.ndarray, feats: tuple, lip: torch.Tensor, pose: torch.Tensor,
+                exp: torch.Tensor | None, raw: bool) -> np.ndarray:
+        feeds = {"wa": wa, **dict(zip(self.manifest.feat_names("decoder"), feats, strict=True)), "lip": lip.numpy(),
                  "pose": pose.numpy()}
         if exp is not None:
             feeds["exp"] = exp.contiguous().numpy()
-        out = self._run("decoder", feeds)[0]
-        return out if raw else to_uint8_numpy(out)
+        return self._run("decoder", feeds)[0]
 
     def close(self) -> None:
         self._sessions.clear()

@@ -21,15 +21,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from edtalk_live.edtalk.config import ModelConfig
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.edtalk.motion import Motion
-from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_torch
-from edtalk_live.engines.onnxruntime_backend import read_manifest
+from edtalk_live.engines.base import PreparedSource, Renderer
 from edtalk_live.engines.trt_build import BuildOptions, build_all, require_tensorrt, trt_logger
+from edtalk_live.export.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -167,14 +165,12 @@ class TensorRTRenderer(Renderer):
         trt = require_tensorrt()
         if not torch.cuda.is_available():
             raise EDTalkError("the tensorrt backend needs a CUDA GPU, and torch.cuda.is_available() is False")
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise InputError(f"the tensorrt backend runs on a CUDA device, not {self.device}")
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise InputError(f"the tensorrt backend runs on a CUDA device, not {dev}")
         self.onnx_dir = Path(onnx_dir)
         self.manifest = read_manifest(self.onnx_dir)
-        super().__init__(ModelConfig.from_dict(self.manifest["config"]))
+        super().__init__(self.manifest.model_config(), dev)       # cuda -> cuda:<current device>
         self.options = BuildOptions(fp16=fp16, max_batch=max_batch, opt_batch=opt_batch, workspace_gb=workspace_gb)
         paths = build_all(self.onnx_dir, cache_dir, self.options, progress=progress, device=self.device)
         self.engines = {stage: TRTEngine(path, self.device) for stage, path in paths.items()}
@@ -193,12 +189,6 @@ class TensorRTRenderer(Renderer):
             raise EDTalkError(f"{self.onnx_dir}: the export has no '{stage}' graph")
         return self.engines[stage]
 
-    def _names(self, stage: str, kind: str) -> list[str]:
-        return list(self.manifest["graphs"][stage][kind])
-
-    def _feat_names(self) -> list[str]:
-        return [n for n in self._names("decoder", "inputs") if n.startswith("feat")]
-
     def _on_stream(self):
         """Run on the renderer's stream, after whatever the caller queued on its current stream."""
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -211,11 +201,8 @@ class TensorRTRenderer(Renderer):
         b = next(iter(feeds.values())).shape[0]
         step = min(self.max_batch, engine.max_batch)
         chunks = [engine.infer({k: v[i: i + step] for k, v in feeds.items()}, self.stream) for i in range(0, b, step)]
-        names = self._names(stage, "outputs")
+        names = self.manifest.output_names(stage)
         return [chunks[0][n] if len(chunks) == 1 else torch.cat([c[n] for c in chunks]) for n in names]
-
-    def _from_numpy(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
 
     # ------------------------------------------------------------------ hooks
     def _prepare_source(self, image: torch.Tensor) -> PreparedSource:
@@ -226,7 +213,7 @@ class TensorRTRenderer(Renderer):
 
     def _expression_feats(self, source: PreparedSource, exp: torch.Tensor) -> tuple:
         with self._on_stream(), torch.no_grad():
-            feeds = dict(zip(self._feat_names(), source.feats, strict=True))
+            feeds = dict(zip(self.manifest.feat_names("expression"), source.feats, strict=True))
             feeds["exp"] = exp
             feats = tuple(self._run("expression", feeds))
         self.stream.synchronize()
@@ -234,46 +221,40 @@ class TensorRTRenderer(Renderer):
 
     def _read_motion(self, images: torch.Tensor) -> Motion:
         with self._on_stream(), torch.no_grad():
-            outs = [o.float().cpu() for o in self._run("motion", {"image": images})]
-        return Motion(outs[0], outs[1], outs[2] if len(outs) > 2 else None)
+            return self._motion(self._run("motion", {"image": images}))
 
     def _audio_to_lip(self, mel: torch.Tensor) -> torch.Tensor:
         with self._on_stream(), torch.no_grad():
             return self._run("audio2lip", {"mel": mel})[0].float().cpu()
 
-    def _render(self, avatars: list[Avatar], lip: torch.Tensor, pose: torch.Tensor, exp: torch.Tensor | None,
-                raw: bool) -> np.ndarray:
+    def _render(self, wa: torch.Tensor, feats: tuple, lip: torch.Tensor, pose: torch.Tensor,
+                exp: torch.Tensor | None, raw: bool) -> torch.Tensor:
         """Decoder on ``B`` frames: ``wa [1|B,D]``, ``feat* [1|B,C,H,W]``, ``lip [B,L]``, ``pose [B,P]``, ``exp [B,E]``.
 
-        One avatar for every frame is fed once (``src_batch`` 1, broadcast inside the engine);
-        per-frame avatars are concatenated. Returns uint8 ``[B,S,S,3]`` (converted on the GPU) or,
-        with ``raw``, float32 ``[B,3,S,S]``.
+        Source inputs of batch 1 (one avatar for every frame) are fed once per chunk (``src_batch`` 1,
+        broadcast inside the engine); per-frame ones are split with the frames into chunks of at most
+        ``max_batch``. Returns the raw image ``[B,3,S,S]`` on the device, ready on the caller's current
+        stream (the base class converts it to uint8 there before the copy back).
         """
         engine = self._engine("decoder")
-        first = avatars[0]
-        shared = all(a is first for a in avatars)
         b = lip.shape[0]
-        if self.config.has_expression and exp is None:
-            exp = torch.zeros(b, self.config.exp_dim)
+        shared = wa.shape[0] == 1
         step = min(self.max_batch, engine.max_batch)
         with self._on_stream(), torch.no_grad():
-            coeffs = {"lip": lip, "pose": pose, **({"exp": exp} if self.config.has_expression else {})}
+            coeffs = {"lip": lip, "pose": pose, **({"exp": exp} if exp is not None else {})}
             coeffs = {k: v.to(self.device) for k, v in coeffs.items()}
-            if shared:
-                wa, feats = first.wa, tuple(first.feats)
-            else:
-                wa = torch.cat([a.wa for a in avatars])
-                feats = tuple(torch.cat([a.feats[k] for a in avatars]) for k in range(len(first.feats)))
-            names = self._feat_names()
+            sources = {"wa": wa, **dict(zip(self.manifest.feat_names("decoder"), feats, strict=True))}
             outs = []
             for i in range(0, b, step):
-                feeds = {"wa": wa if shared else wa[i: i + step]}
-                feeds.update({n: f if shared else f[i: i + step] for n, f in zip(names, feats, strict=True)})
+                feeds = {k: v if shared else v[i: i + step] for k, v in sources.items()}
                 feeds.update({k: v[i: i + step] for k, v in coeffs.items()})
                 outs.append(engine.infer(feeds, self.stream)["image"])
             image = outs[0] if len(outs) == 1 else torch.cat(outs)
-            result = image.float() if raw else to_uint8_torch(image)
-            return result.cpu().numpy()
+        # the base class converts the image on the caller's stream: order that after the engine's work
+        caller = torch.cuda.current_stream(self.device)
+        caller.wait_stream(self.stream)
+        image.record_stream(caller)
+        return image
 
     def close(self) -> None:
         for engine in self.engines.values():

@@ -6,12 +6,11 @@ import copy
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from edtalk_live.edtalk.model import EDTalkModel
 from edtalk_live.edtalk.motion import Motion
-from edtalk_live.engines.base import Avatar, PreparedSource, Renderer, to_uint8_torch
+from edtalk_live.engines.base import PreparedSource, Renderer, to_uint8_torch
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +55,12 @@ class TorchRenderer(Renderer):
 
     def __init__(self, model: EDTalkModel, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  cuda_graphs: bool = True, channels_last: bool | None = None):
-        super().__init__(model.config)
-        self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
+        cuda = torch.device(device).type == "cuda"
         if cuda and not torch.cuda.is_available():
             from edtalk_live.edtalk.errors import InputError
 
             raise InputError(f"device {device} requested but CUDA is not available")
+        super().__init__(model.config, device)
         self.dtype = dtype or (torch.float16 if cuda else torch.float32)
         self.model = model.to(self.device).float().eval()
         self.channels_last = cuda if channels_last is None else channels_last
@@ -84,8 +82,8 @@ class TorchRenderer(Renderer):
         f = f.to(self.dtype)
         return f.contiguous(memory_format=torch.channels_last) if self.channels_last else f
 
-    def _from_numpy(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+    def _decoder_feats(self, feats: tuple) -> tuple:
+        return tuple(self._feat(f) for f in feats)
 
     # ------------------------------------------------------------ rare stages (fp32)
     @torch.no_grad()
@@ -102,38 +100,26 @@ class TorchRenderer(Renderer):
     @torch.no_grad()
     def _read_motion(self, images: torch.Tensor) -> Motion:
         m = self.model.read_motion(images.to(self.device))
-        return Motion(m.lip.float().cpu(), m.pose.float().cpu(), None if m.exp is None else m.exp.float().cpu())
+        return self._motion([m.lip, m.pose] + ([] if m.exp is None else [m.exp]))
 
     @torch.no_grad()
     def _audio_to_lip(self, mel: torch.Tensor) -> torch.Tensor:
         return self.model.audio_to_lip(mel.to(self.device)).float().cpu()
 
     # ------------------------------------------------------------ every frame
-    def _gather(self, avatars: list[Avatar], b: int) -> tuple[torch.Tensor, tuple]:
-        """Source codes and features for the batch: batch 1 when every frame shares one avatar."""
-        first = avatars[0]
-        if all(a is first for a in avatars):
-            if "feats" not in first.cache:
-                first.cache["feats"] = tuple(self._feat(f) for f in first.feats)
-            return first.wa, first.cache["feats"]
-        wa = torch.cat([a.wa for a in avatars])
-        feats = tuple(self._feat(torch.cat([a.feats[k] for a in avatars])) for k in range(len(first.feats)))
-        return wa, feats
-
     @torch.no_grad()
-    def _render(self, avatars: list[Avatar], lip: torch.Tensor, pose: torch.Tensor, exp: torch.Tensor | None,
-                raw: bool) -> np.ndarray:
+    def _render(self, wa: torch.Tensor, feats: tuple, lip: torch.Tensor, pose: torch.Tensor,
+                exp: torch.Tensor | None, raw: bool) -> torch.Tensor:
         b = lip.shape[0]
-        wa, feats = self._gather(avatars, b)
         parts = [lip, pose] + ([exp] if exp is not None else [])
         alpha = torch.cat(parts, dim=1).to(self.device)
         latent = self.model.generator.latent(wa, alpha).to(self.dtype)          # [B,D], bases in fp32
         if self.cuda_graphs and not raw and b <= GRAPH_BATCHES[-1]:
             return self._render_graphed(latent, feats, b)
-        out = self.decoder(latent, feats)
-        return out.float().cpu().numpy() if raw else to_uint8_torch(out).cpu().numpy()
+        return self.decoder(latent, feats)
 
-    def _render_graphed(self, latent: torch.Tensor, feats: tuple, b: int) -> np.ndarray:
+    def _render_graphed(self, latent: torch.Tensor, feats: tuple, b: int) -> torch.Tensor:
+        """uint8 frames ``[B,S,S,3]`` on the device, from the CUDA graph captured for this batch (padded up)."""
         bp = next(n for n in GRAPH_BATCHES if n >= b)
         fb = feats[0].shape[0]
         if fb not in (1, b):
@@ -148,7 +134,7 @@ class TorchRenderer(Renderer):
             logger.info("capturing CUDA graph for batch %d (source batch %d)", bp, fbp)
             self._graphs[key] = _GraphedDecoder(self.decoder, latent, feats)
         out = self._graphs[key](latent, feats)
-        return out[:b].cpu().numpy()
+        return out[:b]
 
     def close(self) -> None:
         self._graphs.clear()

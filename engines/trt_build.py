@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.export.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -407,10 +408,8 @@ def build_all(onnx_dir: str | Path, out_dir: str | Path | None = None, options: 
     if options.timing_cache is None:
         options = dataclasses.replace(options, timing_cache=default_timing_cache(out_dir, gpu, version))
     build = builder or build_engine
-    from edtalk_live.engines.onnxruntime_backend import read_manifest
-
-    graphs = read_manifest(onnx_dir)["graphs"]
-    stages = list(graphs)
+    manifest = read_manifest(onnx_dir)
+    stages = list(manifest.graphs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -419,9 +418,7 @@ def build_all(onnx_dir: str | Path, out_dir: str | Path | None = None, options: 
     paths: dict[str, Path] = {}
     try:
         for stage in stages:
-            onnx_path = onnx_dir / graphs[stage]["file"]
-            if not onnx_path.is_file():
-                raise EDTalkError(f"{onnx_path}: missing ONNX graph (listed in {onnx_dir / 'manifest.json'})")
+            onnx_path = manifest.graph_path(stage)
             key = engine_key(onnx_path, options, gpu, version)
             path = engine_file(out_dir, stage, key)
             if bar is not None:

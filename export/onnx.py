@@ -14,12 +14,13 @@ import torch
 
 from edtalk_live.edtalk.errors import EDTalkError
 from edtalk_live.edtalk.model import EDTalkModel
+from edtalk_live.export.manifest import MANIFEST as MANIFEST  # noqa: F401 - re-exported (callers import it here)
+from edtalk_live.export.manifest import graph_entry, write_manifest
 from edtalk_live.export.stages import StageSpec, stage_specs
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-MANIFEST = "manifest.json"
 #: tolerance of the ORT-vs-PyTorch check, by output kind (fp32, CPU)
 VERIFY_TOL = {"image": 1e-3, "default": 1e-4}
 
@@ -152,7 +153,7 @@ def verify_graph(spec: StageSpec, path: Path, batches=(1, 3, 8), seed: int = 0) 
 
 def export_model(model: EDTalkModel, out_dir: str | Path, opset: int = OPSET, simplify: bool = True,
                  verify: bool = True, progress: Callable | None = None) -> list[ExportedGraph]:
-    """Export every stage of ``model`` to ``out_dir/<stage>.onnx`` and write ``manifest.json``.
+    """Export every stage of ``model`` to ``out_dir/<stage>.onnx`` and write ``manifest.json`` (:mod:`export.manifest`).
 
     Each graph is checked with ``onnx.checker``, optionally simplified, checked against the
     TensorRT operator set (:func:`export.trt_compat.check_graph`), verified against PyTorch with
@@ -192,7 +193,6 @@ def export_model(model: EDTalkModel, out_dir: str | Path, opset: int = OPSET, si
                           errors, simplified)
         logger.info("wrote %s (%.1f MB, max error %s)", path, g.size_mb, errors)
         results.append(g)
-    manifest = {"config": cfg.to_dict(), "weights": model.weights_id, "opset": opset,
-                "graphs": {g.stage: {"file": g.path.name, "inputs": g.inputs, "outputs": g.outputs} for g in results}}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_manifest(out, cfg, {g.stage: graph_entry(g.path.name, g.inputs, g.outputs) for g in results},
+                   weights=model.weights_id, opset=opset)
     return results

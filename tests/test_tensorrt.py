@@ -544,6 +544,18 @@ def test_fake_build_all_caches_engines(fake_trt, tmp_path):
     assert third["decoder"] != first["decoder"] and first["decoder"].is_file()
 
 
+def test_fake_build_all_reads_the_manifest(fake_trt, tmp_path):
+    from edtalk_live.export.manifest import ManifestError
+
+    fake_trt()
+    with pytest.raises(ManifestError, match="no ONNX export manifest here"):
+        build_all(tmp_path, tmp_path / "engines", BuildOptions(), progress=False)
+    onnx_dir = _fake_export(tmp_path)
+    (onnx_dir / "audio2lip.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"audio2lip.onnx: missing ONNX graph \(listed in .*manifest.json\)"):
+        build_all(onnx_dir, tmp_path / "engines", BuildOptions(), progress=False)
+
+
 def test_fake_runner_binds_tensors(fake_trt, tmp_path):
     from edtalk_live.engines.tensorrt_backend import TRTEngine
 
@@ -646,8 +658,10 @@ def test_fp32_engines_match_torch(exported, engine_cache, batch):
     src_img = d["inputs"]["source"]
     ref = model.render(model.encode(src_img), lip=lip, pose=pose, exp=exp).numpy()
     r = _renderer(onnx_dir, engine_cache, fp16=False)
+    assert r.device == torch.device("cuda", torch.cuda.current_device())
     avatar = r.prepare_expression(r.prepare_source(src_img), exp)
     assert avatar.wa.is_cuda and all(f.is_cuda for f in avatar.feats)
+    assert avatar.wa.device == r.device and all(f.device == r.device for f in avatar.feats)
     raw = r.render(avatar, lip, pose, raw=True)
     assert raw.dtype == np.float32 and raw.shape == ref.shape
     err = float(np.abs(raw - ref).max())
