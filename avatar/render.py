@@ -214,7 +214,7 @@ def render_file(
             exp = pingpong(read_clip_motion(renderer, exp_video, align, batch_size, max_frames=frames).exp, frames)
         # one prepared avatar for a fixed expression (EEM once); one per frame for an expression clip
         fixed = renderer.prepare_expression(avatar.source, exp) if exp is None or exp.shape[0] == 1 else None
-        paste = make_paste_back(avatar, config.size, device=dev) if paste_back else None
+        paste = make_paste_back(avatar, config.size, device=renderer.device) if paste_back else None
 
     def batches() -> Iterator[np.ndarray]:
         with tqdm(total=frames, unit="frame", disable=not progress, desc="render") as bar:

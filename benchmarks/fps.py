@@ -338,7 +338,8 @@ def _export_dir(model: EDTalkModel) -> Path:
     the benchmark compares one rendered frame of every backend with torch and reports the difference.
     """
     from edtalk_live.engines import cache_dir
-    from edtalk_live.export.onnx import MANIFEST, export_model
+    from edtalk_live.export.manifest import MANIFEST
+    from edtalk_live.export.onnx import export_model
 
     out = cache_dir() / "onnx" / model.weights_id
     if not (out / MANIFEST).is_file():

@@ -266,8 +266,8 @@ class AvatarServer:
     def _paste_back(self, name: str):
         """The avatar's paste-back (built once per avatar, on the renderer's device), as ``render``'s."""
         if name not in self._pastes:
-            device = getattr(self.renderer, "device", "cpu")
-            self._pastes[name] = make_paste_back(self.avatars[name], self.renderer.config.size, device=device,
+            self._pastes[name] = make_paste_back(self.avatars[name], self.renderer.config.size,
+                                                 device=self.renderer.device,
                                                  max_size=self.settings.paste_back_max_size)
         return self._pastes[name]
 
