@@ -31,6 +31,7 @@ from edtalk_live.edtalk.errors import InputError
 from edtalk_live.engines.base import PreparedSource, Renderer
 from edtalk_live.realtime.audio_in import RATE, AudioInput
 from edtalk_live.realtime.lipbatch import LipBatcher
+from edtalk_live.realtime.probe import paint_index
 from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler
 from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
 
@@ -411,34 +412,6 @@ class Session:
             "paused": self.paused,
             "pose": self.pose.mode,
         }
-
-
-PROBE_BITS = 16
-
-
-def paint_index(image: np.ndarray, index: int) -> np.ndarray:
-    """A copy of ``image [S,S,3]`` with ``index`` (16 bits) as black/white blocks in its top quarter.
-
-    Two rows of eight square blocks (S/8 wide), most significant bit first: large enough to survive
-    VP8/H.264 compression, so a client can tell exactly which frame it received (see :func:`read_index`).
-    """
-    out = image.copy()
-    s = image.shape[0] // 8
-    for bit in range(PROBE_BITS):
-        r, c = divmod(bit, 8)
-        out[r * s:(r + 1) * s, c * s:(c + 1) * s] = 255 if (index >> (PROBE_BITS - 1 - bit)) & 1 else 0
-    return out
-
-
-def read_index(image: np.ndarray) -> int:
-    """Read back the index painted by :func:`paint_index` (threshold at mid grey, centre of each block)."""
-    s = image.shape[0] // 8
-    value = 0
-    for bit in range(PROBE_BITS):
-        r, c = divmod(bit, 8)
-        block = image[r * s + s // 4:(r + 1) * s - s // 4, c * s + s // 4:(c + 1) * s - s // 4]
-        value = (value << 1) | int(block.mean() > 127)
-    return value
 
 
 def _round(x: float | None) -> float | None:
