@@ -25,8 +25,9 @@ from aiohttp import web
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.lipbatch import LipBatcher
+from edtalk_live.realtime.protocol import POSE_MODES, SessionOptions, parse_control
 from edtalk_live.realtime.scheduler import FrameScheduler
-from edtalk_live.realtime.session import LATENCY_BUCKETS_MS, POSE_MODES, AvatarAssets, Session, SessionOptions
+from edtalk_live.realtime.session import LATENCY_BUCKETS_MS, AvatarAssets, Session
 
 logger = logging.getLogger(__name__)
 
@@ -289,19 +290,13 @@ class AvatarServer:
         self._pastes[name] = paste
         return paste
 
-    def _control(self, session: Session, message: Any) -> dict:
+    def _control(self, session: Session, message: str | bytes) -> dict:
         try:
-            if isinstance(message, bytes):
-                message = message.decode("utf-8")
-            msg = json.loads(message)
-        except (ValueError, UnicodeDecodeError):
-            return {"type": "error", "error": "control messages must be JSON objects"}
-        try:
-            return session.control(msg)
+            return session.control(parse_control(message, session.choices))
         except EDTalkError as e:
             return {"type": "error", "error": str(e)}
         except Exception:  # noqa: BLE001 - a bad message must never take the session down
-            logger.exception("session %s: control message %r failed", session.id[:8], msg)
+            logger.exception("session %s: control message %r failed", session.id[:8], message)
             return {"type": "error", "error": "internal error handling the control message"}
 
     async def _watch(self, sid: str) -> None:

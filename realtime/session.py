@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,12 +31,23 @@ from edtalk_live.engines.base import PreparedSource, Renderer
 from edtalk_live.realtime.audio_in import RATE, AudioInput
 from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.probe import paint_index
+from edtalk_live.realtime.protocol import (
+    Choices,
+    ControlMessage,
+    Emotion,
+    Intensity,
+    Interrupt,
+    Pause,
+    Pose,
+    Resume,
+    SessionOptions,
+    Stats,
+)
 from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler
 from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
 
 logger = logging.getLogger(__name__)
 
-POSE_MODES = ("still", "clip", "idle")
 LATENCY_BUCKETS_MS = (50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2000)
 
 
@@ -54,54 +64,6 @@ class AvatarAssets:
     clip_poses: torch.Tensor | None = None  # [N,6] of the server's pose clip, if any
     photo: np.ndarray | None = None         # uint8 [H,W,3] the original photo (for paste-back)
     matrix: np.ndarray | None = None        # 2x3 photo -> crop (None: the photo is the crop, resized)
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """What a peer may choose for its session (JSON fields of the offer)."""
-
-    avatar: str = ""
-    emotion: str | None = None
-    intensity: float = 1.0
-    pose: str = "idle"
-    low_latency: bool = False
-    probe: bool = False          # paint each frame's index into its top rows (latency measurements)
-    paste_back: bool = False     # stream the avatar's whole photo with the face blended back in
-
-    FIELDS = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe", "paste_back")
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool
-                  ) -> SessionOptions:
-        """Validate user options; raises :class:`InputError` naming the bad field or value."""
-        unknown = sorted(set(data) - set(cls.FIELDS))
-        if unknown:
-            raise InputError(f"unknown session option {unknown[0]!r}; known: {', '.join(cls.FIELDS)}")
-        avatar = data.get("avatar") or avatars[0]
-        if avatar not in avatars:
-            raise InputError(f"unknown avatar {avatar!r}; available: {', '.join(avatars)}")
-        emotion = data.get("emotion") or None
-        if emotion is not None and emotion not in emotions:
-            raise InputError(f"unknown emotion {emotion!r}; available: {', '.join(emotions) or 'none'}")
-        intensity = _number(data.get("intensity", 1.0), "intensity", 0.0, 2.0)
-        pose = data.get("pose", "idle")
-        if pose not in POSE_MODES:
-            raise InputError(f"unknown pose mode {pose!r}; choose one of {', '.join(POSE_MODES)}")
-        if pose == "clip" and not has_clip:
-            raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
-        return cls(avatar=avatar, emotion=emotion, intensity=intensity, pose=pose,
-                   low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)),
-                   paste_back=bool(data.get("paste_back", False)))
-
-
-def _number(value: Any, name: str, lo: float, hi: float) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not (math.isfinite(x) and lo <= x <= hi):
-        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
-    return x
 
 
 @dataclass
@@ -348,38 +310,36 @@ class Session:
             raise InputError(f"unknown emotion {name!r}; available: {', '.join(sorted(self.presets)) or 'none'}")
         return self.presets[name]
 
-    def control(self, msg: Any) -> dict[str, Any]:
-        """Apply one control message (already parsed JSON); returns the reply. Raises InputError."""
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            raise InputError('a control message is a JSON object with a "type"')
-        kind = msg["type"]
-        if kind == "emotion":
-            if self.expression is None:
-                raise InputError("this model (lip_pose family) has no expression control")
-            target = self._preset(msg.get("name") or None)
-            intensity = _number(msg.get("intensity", self.expression.intensity), "intensity", 0.0, 2.0)
-            self.expression.set_emotion(target, intensity=intensity)
-        elif kind == "intensity":
-            if self.expression is None:
-                raise InputError("this model (lip_pose family) has no expression control")
-            self.expression.set_intensity(_number(msg.get("value"), "intensity", 0.0, 2.0))
-        elif kind == "pose":
-            mode = msg.get("mode")
-            if mode not in POSE_MODES:
-                raise InputError(f"unknown pose mode {mode!r}; choose one of {', '.join(POSE_MODES)}")
-            if mode == "clip" and self.assets.clip_poses is None:
-                raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
-            self.pose.set_mode(mode)
-        elif kind == "pause":
-            self.paused = True
-        elif kind == "resume":
-            self.paused = False
-        elif kind == "interrupt":
-            self.interrupt()
-        elif kind != "stats":
-            raise InputError(f"unknown control message type {kind!r}; "
-                             "known: emotion, intensity, pose, pause, resume, interrupt, stats")
-        return {"type": "stats" if kind == "stats" else "ok", "for": kind, "stats": self.snapshot()}
+    @property
+    def choices(self) -> Choices:
+        """What this session's control messages may choose (for :func:`~realtime.protocol.parse_control`)."""
+        return Choices(emotions=tuple(sorted(self.presets)), has_clip=self.assets.clip_poses is not None,
+                       has_expression=self.expression is not None)
+
+    def control(self, msg: ControlMessage) -> dict[str, Any]:
+        """Apply one control message, parsed by :func:`~realtime.protocol.parse_control` with :attr:`choices`;
+        returns the reply."""
+        match msg:
+            case Emotion(name=name, intensity=intensity):
+                assert self.expression is not None
+                self.expression.set_emotion(self._preset(name), intensity=(
+                    self.expression.intensity if intensity is None else intensity))
+            case Intensity(value=value):
+                assert self.expression is not None
+                self.expression.set_intensity(value)
+            case Pose(mode=mode):
+                self.pose.set_mode(mode)
+            case Pause():
+                self.paused = True
+            case Resume():
+                self.paused = False
+            case Interrupt():
+                self.interrupt()
+            case Stats():
+                pass
+            case _:
+                raise InputError(f"not a control message: {msg!r}")
+        return {"type": "stats" if isinstance(msg, Stats) else "ok", "for": msg.type, "stats": self.snapshot()}
 
     def interrupt(self) -> None:
         """Drop queued audio and frames at once (an agent cutting its own speech)."""

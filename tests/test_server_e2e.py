@@ -15,9 +15,10 @@ import torch
 from aiohttp import web
 
 from edtalk_live.realtime.client import run_client
+from edtalk_live.realtime.protocol import SessionOptions
 from edtalk_live.realtime.serve import build_server
 from edtalk_live.realtime.server import ServerSettings
-from edtalk_live.realtime.session import Session, SessionOptions
+from edtalk_live.realtime.session import Session
 
 pytestmark = pytest.mark.slow
 
