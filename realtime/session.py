@@ -30,6 +30,7 @@ from edtalk_live.edtalk.errors import InputError
 from edtalk_live.engines.base import PreparedSource, Renderer
 from edtalk_live.realtime.audio_in import RATE, AudioInput
 from edtalk_live.realtime.lipbatch import LipBatcher
+from edtalk_live.realtime.metrics import LATENCY_BUCKETS_S, SessionCounts, latency_bucket
 from edtalk_live.realtime.probe import paint_index
 from edtalk_live.realtime.protocol import (
     Choices,
@@ -47,8 +48,6 @@ from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler
 from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
 
 logger = logging.getLogger(__name__)
-
-LATENCY_BUCKETS_MS = (50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2000)
 
 
 @dataclass
@@ -69,11 +68,13 @@ class AvatarAssets:
 @dataclass
 class SessionStats:
     frames_rendered: int = 0
-    frames_dropped: int = 0
+    frames_dropped: int = 0      # not rendered in time, or rendered too late (the per-session stats reply)
+    frames_late: int = 0         # rendered, but the video track had passed them: discarded
     audio_frames: int = 0
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
     av_offset_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
-    latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    #: latencies per :data:`~realtime.metrics.LATENCY_BUCKETS_S` bucket (not cumulative), then +Inf
+    latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_ms: float = 0.0
     latency_count: int = 0
 
@@ -81,8 +82,7 @@ class SessionStats:
         self.latency_ms.append(ms)
         self.latency_sum_ms += ms
         self.latency_count += 1
-        k = next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if ms <= b), len(LATENCY_BUCKETS_MS))
-        self.latency_hist[k] += 1
+        self.latency_hist[latency_bucket(ms / 1000)] += 1
 
 
 def _percentile(values, q: float) -> float | None:
@@ -283,6 +283,7 @@ class Session:
         for k in [k for k in self.frames if k < index]:
             del self.frames[k]
             self.stats.frames_dropped += 1
+            self.stats.frames_late += 1
         if self.options.probe and image is not None:     # a frame not ready is repeated (and counted) as usual
             image = paint_index(image, index)
         return image
@@ -372,6 +373,13 @@ class Session:
             "paused": self.paused,
             "pose": self.pose.mode,
         }
+
+    def counts(self) -> SessionCounts:
+        """The counters of this session for the server's Prometheus totals (each only grows)."""
+        v = self.video.stats
+        return SessionCounts(frames_sent=v.sent, frames_repeated=v.repeated, frames_skipped=v.skipped,
+                             frames_late=self.stats.frames_late, latency_buckets=tuple(self.stats.latency_hist),
+                             latency_sum=self.stats.latency_sum_ms / 1000)
 
 
 def _round(x: float | None) -> float | None:
