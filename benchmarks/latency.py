@@ -7,7 +7,7 @@
 For every concurrency N, N Python clients (``clients.client.run_client``, aiortc: Opus and VP8 encode
 and decode, both jitter buffers) connect at once and each sends the same audio in real time. The
 sessions run in probe mode: the server paints each video frame's index ``i`` into the frame's top
-quarter (``realtime.session.paint_index``), so the client knows exactly which frame it received.
+quarter (``realtime.probe.paint_index``), so the client knows exactly which frame it received.
 Frame ``i`` shows the mouth for the session's audio samples ``[640 i, 640 (i+1))`` (16 kHz), and the
 session's ``audio_anchor`` says where the client's sample 0 landed, so client sample ``k`` is session
 sample ``anchor + k``. Per received frame and per session:
@@ -305,10 +305,10 @@ def analyse_session(result, sent: np.ndarray, read_index=None) -> SessionMeasure
     """Latencies and offsets of one :class:`clients.client.ClientResult` (run with ``probe`` and ``keep_frames``).
 
     ``sent`` is the float 16 kHz audio the client sent; ``read_index`` reads a frame's painted index
-    (default :func:`realtime.session.read_index`).
+    (default :func:`realtime.probe.read_index`).
     """
     if read_index is None:
-        from edtalk_live.realtime.session import read_index
+        from edtalk_live.realtime.probe import read_index
     sent = np.asarray(sent, np.float32)
     stats = result.stats or {}
     m = SessionMeasure(session=result.session, server=dict(stats), frames_received=len(result.video_arrival),

@@ -23,11 +23,10 @@ import concurrent.futures
 import itertools
 import logging
 import math
-import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,25 +35,18 @@ import torch
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Avatar, Renderer
+from edtalk_live.realtime.metrics import DROP_REASONS, SchedulerMetrics
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: upper bounds (seconds) of the render-time histogram buckets exported to Prometheus (+Inf is implied)
-RENDER_SECONDS_BUCKETS: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
-                                             5.12)
-#: reasons a frame can be dropped, the ``reason`` label of ``<prefix>_frames_dropped_total``
-DROP_REASONS: tuple[str, ...] = ("deadline", "queue_full", "error", "stopped")
 #: how many recent per-batch render times :attr:`SchedulerStats.render_seconds_recent` keeps
 RECENT_SAMPLES = 128
 #: weight of the newest sample in the render-time moving average
 EWMA_ALPHA = 0.1
 #: drops and render failures are logged at most once per this many seconds (always counted)
 LOG_INTERVAL_S = 5.0
-
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 class FrameDropped(EDTalkError):
@@ -78,15 +70,13 @@ class SchedulerStats:
     batches: int = 0
     #: renderer calls per batch size, ``{size: count}``
     batch_sizes: dict[int, int] = field(default_factory=dict)
-    #: frames dropped per reason (:data:`DROP_REASONS`)
+    #: frames dropped per reason (:data:`~realtime.metrics.DROP_REASONS`)
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     render_seconds_last: float = 0.0
     render_seconds_ewma: float = 0.0
     render_seconds_sum: float = 0.0
     #: the last :data:`RECENT_SAMPLES` per-batch render times, oldest first
     render_seconds_recent: list[float] = field(default_factory=list)
-    #: batches per render-time bucket (not cumulative): one count per :data:`RENDER_SECONDS_BUCKETS` bound, then +Inf
-    render_seconds_buckets: tuple[int, ...] = (0,) * (len(RENDER_SECONDS_BUCKETS) + 1)
     #: requests waiting for dispatch
     queue_depth: int = 0
     #: frames in the batch being rendered now (0 when idle)
@@ -96,72 +86,6 @@ class SchedulerStats:
     @property
     def mean_batch_size(self) -> float:
         return self.frames_rendered / self.batches if self.batches else 0.0
-
-    def prometheus_lines(self, prefix: str = "edtalk", labels: Mapping[str, str] | None = None) -> list[str]:
-        """These counters in the Prometheus text format (``# HELP``/``# TYPE`` then samples), one string per line.
-
-        ``labels`` are added to every sample (e.g. ``{"device": "cuda:0"}`` when a server runs one
-        scheduler per GPU). Histograms: ``<prefix>_render_batch_size`` (frames per call) and
-        ``<prefix>_render_batch_seconds`` (time per call).
-        """
-        if not _METRIC_NAME.fullmatch(prefix):
-            raise InputError(f"metric prefix must match [a-zA-Z_:][a-zA-Z0-9_:]*, got {prefix!r}")
-        base = dict(labels or {})
-        for name in base:
-            if not _LABEL_NAME.fullmatch(name) or name == "le":
-                raise InputError(f"invalid Prometheus label name {name!r}")
-
-        def sample(name: str, value: float, **extra: str) -> str:
-            lab = {**base, **extra}
-            text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in lab.items())
-            return f"{prefix}_{name}{{{text}}} {_number(value)}" if text else f"{prefix}_{name} {_number(value)}"
-
-        def header(name: str, kind: str, text: str) -> list[str]:
-            return [f"# HELP {prefix}_{name} {text}", f"# TYPE {prefix}_{name} {kind}"]
-
-        out = header("frames_rendered_total", "counter", "Frames rendered by the frame scheduler.")
-        out.append(sample("frames_rendered_total", self.frames_rendered))
-        out += header("render_batches_total", "counter", "Renderer calls made by the frame scheduler.")
-        out.append(sample("render_batches_total", self.batches))
-        out += header("frames_dropped_total", "counter", "Frames not rendered, by reason.")
-        out += [sample("frames_dropped_total", n, reason=r) for r, n in self.dropped.items()]
-
-        out += header("render_batch_size", "histogram", "Frames per renderer call.")
-        bounds = sorted({2**i for i in range(max(self.max_batch, 1).bit_length() + 1) if 2**i <= self.max_batch}
-                        | {self.max_batch})
-        for le in bounds:
-            out.append(sample("render_batch_size_bucket", sum(n for s, n in self.batch_sizes.items() if s <= le),
-                              le=str(le)))
-        out.append(sample("render_batch_size_bucket", self.batches, le="+Inf"))
-        out.append(sample("render_batch_size_sum", sum(s * n for s, n in self.batch_sizes.items())))
-        out.append(sample("render_batch_size_count", self.batches))
-
-        out += header("render_batch_seconds", "histogram", "Time per renderer call, in seconds.")
-        cumulative = itertools.accumulate(self.render_seconds_buckets)
-        for le, n in zip((*(repr(b) for b in RENDER_SECONDS_BUCKETS), "+Inf"), cumulative, strict=True):
-            out.append(sample("render_batch_seconds_bucket", n, le=le))
-        out.append(sample("render_batch_seconds_sum", self.render_seconds_sum))
-        out.append(sample("render_batch_seconds_count", sum(self.render_seconds_buckets)))
-
-        out += header("render_batch_seconds_ewma", "gauge", "Moving average of the time per renderer call, seconds.")
-        out.append(sample("render_batch_seconds_ewma", self.render_seconds_ewma))
-        out += header("scheduler_queue_depth", "gauge", "Frame requests waiting for dispatch.")
-        out.append(sample("scheduler_queue_depth", self.queue_depth))
-        out += header("scheduler_in_flight", "gauge", "Frames in the renderer call running now.")
-        out.append(sample("scheduler_in_flight", self.in_flight))
-        return out
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return "NaN" if math.isnan(value) else repr(float(value))
 
 
 @dataclass(eq=False, slots=True)
@@ -184,7 +108,8 @@ class FrameScheduler:
     :class:`FrameDropped` at once). ``stop_timeout`` bounds how long :meth:`stop` waits for a
     renderer call already running. Requests are served oldest first; when several sessions have
     requests waiting, a batch takes one from each session in turn (oldest head first), so a
-    session with a backlog cannot crowd the others out of a batch.
+    session with a backlog cannot crowd the others out of a batch. :attr:`stats` is a snapshot of the
+    counters; :attr:`metrics` the same as Prometheus metrics (see :mod:`realtime.metrics`).
     """
 
     def __init__(self, renderer: Renderer, max_batch: int = 16, max_wait_ms: float = 4.0, max_queue: int = 256,
@@ -223,9 +148,11 @@ class FrameScheduler:
         self._render_ewma = 0.0
         self._render_sum = 0.0
         self._render_recent: deque[float] = deque(maxlen=RECENT_SAMPLES)
-        self._render_buckets = [0] * (len(RENDER_SECONDS_BUCKETS) + 1)
         self._unlogged = dict.fromkeys(DROP_REASONS, 0)
         self._last_log = {"drop": -math.inf, "error": -math.inf}
+        #: Prometheus metrics (a collector): register it in a registry to expose them
+        self.metrics = SchedulerMetrics(self.max_batch, queue_depth=lambda: self.queue_depth,
+                                        in_flight=lambda: self._inflight_frames)
 
     def __repr__(self) -> str:
         return (f"FrameScheduler({self._backend or type(self.renderer).__name__}, max_batch={self.max_batch}, "
@@ -379,13 +306,9 @@ class FrameScheduler:
             frames_rendered=self._frames, batches=self._batches, batch_sizes=dict(sorted(self._batch_sizes.items())),
             dropped=dict(self._dropped), render_seconds_last=self._render_last,
             render_seconds_ewma=self._render_ewma, render_seconds_sum=self._render_sum,
-            render_seconds_recent=list(self._render_recent), render_seconds_buckets=tuple(self._render_buckets),
+            render_seconds_recent=list(self._render_recent),
             queue_depth=self.queue_depth, in_flight=self._inflight_frames, max_batch=self.max_batch,
         )
-
-    def prometheus_lines(self, prefix: str = "edtalk", labels: Mapping[str, str] | None = None) -> list[str]:
-        """Prometheus text-format lines of :attr:`stats` (see :meth:`SchedulerStats.prometheus_lines`)."""
-        return self.stats.prometheus_lines(prefix, labels)
 
     def _record(self, size: int, seconds: float) -> None:
         self._frames += size
@@ -396,13 +319,13 @@ class FrameScheduler:
         self._render_ewma = seconds if self._batches == 1 else ewma + EWMA_ALPHA * (seconds - ewma)
         self._render_sum += seconds
         self._render_recent.append(seconds)
-        self._render_buckets[next((i for i, b in enumerate(RENDER_SECONDS_BUCKETS) if seconds <= b),
-                                  len(RENDER_SECONDS_BUCKETS))] += 1
+        self.metrics.batch(size, seconds, self._render_ewma)
 
     def _drop(self, reason: str, n: int = 1, exc: BaseException | None = None) -> None:
         """Count ``n`` dropped frames; log drops (and, separately, render failures) at most once per
         :data:`LOG_INTERVAL_S`."""
         self._dropped[reason] += n
+        self.metrics.dropped(reason, n)
         if reason == "stopped":
             return
         kind = "error" if reason == "error" else "drop"

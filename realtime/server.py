@@ -2,8 +2,8 @@
 
 Routes: ``GET /`` (the browser page), ``POST /offer`` (SDP offer + session options -> answer),
 ``GET /config`` (avatars, emotions, pose modes, ICE servers for clients), ``GET /health``,
-``GET /metrics`` (Prometheus text). State lives on the :class:`AvatarServer` object, never in
-module globals; a failing session closes only its own peer connection.
+``GET /metrics`` (Prometheus text, :mod:`realtime.metrics`). State lives on the :class:`AvatarServer`
+object, never in module globals; a failing session closes only its own peer connection.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.lipbatch import LipBatcher
+from edtalk_live.realtime.metrics import ServerMetrics, SessionCounts
+from edtalk_live.realtime.protocol import POSE_MODES, SessionOptions, parse_control
 from edtalk_live.realtime.scheduler import FrameScheduler
-from edtalk_live.realtime.session import LATENCY_BUCKETS_MS, POSE_MODES, Session, SessionOptions
+from edtalk_live.realtime.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +121,11 @@ class AvatarServer:
         self.peers: dict[str, _Peer] = {}
         self._pastes: dict[str, Any] = {}
         self.started = time.time()
-        self.rejected = {"full": 0, "bad_request": 0}
-        self.sessions_total = 0
-        self._closed_stats = {"frames_sent": 0, "latency_hist": [0] * (len(LATENCY_BUCKETS_MS) + 1),
-                              "latency_sum": 0.0, "latency_count": 0}
+        self._closing: dict[str, Session] = {}          # left self.peers, still closing: still counted as live
+        self.prometheus = ServerMetrics(settings.max_sessions, self._live_counts, scheduler=self.scheduler.metrics)
+        self.prometheus.sessions.set_function(lambda: len(self.peers))
+        self.prometheus.session_fps.set_function(self._mean_fps)
+        self.prometheus.av_offset.set_function(self._max_av_offset)
 
     # ------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -172,8 +175,8 @@ class AvatarServer:
                                   "uptime_s": round(time.time() - self.started, 1)}, status=200 if ok else 503)
 
     def _error(self, status: int, message: str) -> web.Response:
-        if status == 400:
-            self.rejected["bad_request"] += 1
+        if status in (400, 413):
+            self.prometheus.sessions_rejected.labels("bad_request" if status == 400 else "too_large").inc()
         return web.json_response({"error": message}, status=status)
 
     async def offer(self, request: web.Request) -> web.Response:
@@ -193,7 +196,7 @@ class AvatarServer:
         if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
             return self._error(400, 'expected {"type": "offer", "sdp": "<session description>"}')
         if len(self.peers) >= self.settings.max_sessions:
-            self.rejected["full"] += 1
+            self.prometheus.sessions_rejected.labels("full").inc()
             return web.json_response({"error": f"server full: {len(self.peers)} of {self.settings.max_sessions} "
                                       "sessions in use, try again later"}, status=503, headers={"Retry-After": "5"})
         try:
@@ -220,7 +223,7 @@ class AvatarServer:
                           paste=paste, lip_batcher=self.lip_batcher, clip_poses=self.clip_poses)
         peer = _Peer(session, pc)
         self.peers[sid] = peer
-        self.sessions_total += 1
+        self.prometheus.sessions_started.inc()
         ok = False
         try:
             @pc.on("track")
@@ -271,19 +274,13 @@ class AvatarServer:
                                                  max_size=self.settings.paste_back_max_size)
         return self._pastes[name]
 
-    def _control(self, session: Session, message: Any) -> dict:
+    def _control(self, session: Session, message: str | bytes) -> dict:
         try:
-            if isinstance(message, bytes):
-                message = message.decode("utf-8")
-            msg = json.loads(message)
-        except (ValueError, UnicodeDecodeError):
-            return {"type": "error", "error": "control messages must be JSON objects"}
-        try:
-            return session.control(msg)
+            return session.control(parse_control(message, session.choices))
         except EDTalkError as e:
             return {"type": "error", "error": str(e)}
         except Exception:  # noqa: BLE001 - a bad message must never take the session down
-            logger.exception("session %s: control message %r failed", session.id[:8], msg)
+            logger.exception("session %s: control message %r failed", session.id[:8], message)
             return {"type": "error", "error": "internal error handling the control message"}
 
     async def _watch(self, sid: str) -> None:
@@ -305,15 +302,12 @@ class AvatarServer:
             return
         peer.closed = True
         logger.info("session %s: closing (%s)", sid[:8], reason)
-        st = peer.session.stats
-        self._closed_stats["frames_sent"] += peer.session.video.stats.sent
-        for k, n in enumerate(st.latency_hist):
-            self._closed_stats["latency_hist"][k] += n
-        self._closed_stats["latency_sum"] += st.latency_sum_ms
-        self._closed_stats["latency_count"] += st.latency_count
+        self._closing[sid] = peer.session
         try:
             await peer.session.close()
         finally:
+            # its final counts join the totals as it leaves the live ones, in one step: no total goes down
+            self.prometheus.session_totals.retire(self._closing.pop(sid).counts())
             try:
                 await peer.pc.close()
             except Exception:  # noqa: BLE001 - pc.close() can raise on a malformed session
@@ -322,46 +316,18 @@ class AvatarServer:
                 peer.watchdog.cancel()
 
     # ------------------------------------------------------------ metrics
+    def _live_counts(self) -> list[SessionCounts]:
+        return [p.session.counts() for p in self.peers.values()] + [s.counts() for s in self._closing.values()]
+
+    def _mean_fps(self) -> float:
+        fps = [s.video.stats.sent / s.clock.now() for s in (p.session for p in self.peers.values())
+               if s.clock.now() > 1.0]
+        return float(np.mean(fps)) if fps else 0.0
+
+    def _max_av_offset(self) -> float:
+        offsets = [abs(x) for p in self.peers.values() for x in list(p.session.stats.av_offset_ms)[-25:]]
+        return max(offsets) / 1000 if offsets else 0.0
+
     async def metrics(self, _request: web.Request) -> web.Response:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP edtalk_{name} {help_}")
-            lines.append(f"# TYPE edtalk_{name} {kind}")
-            for suffix, value in samples:
-                lines.append(f"edtalk_{name}{suffix} {value:g}")
-
-        sessions = [p.session for p in self.peers.values()]
-        metric("sessions", "gauge", "Live sessions.", [("", len(sessions))])
-        metric("sessions_max", "gauge", "Session limit.", [("", self.settings.max_sessions)])
-        metric("sessions_total", "counter", "Sessions started.", [("", self.sessions_total)])
-        metric("sessions_rejected_total", "counter", "Offers refused.",
-               [(f'{{reason="{k}"}}', v) for k, v in self.rejected.items()])
-        sent = self._closed_stats["frames_sent"] + sum(s.video.stats.sent for s in sessions)
-        metric("frames_sent_total", "counter", "Video frames sent.", [("", sent)])
-        metric("frames_repeated_total", "counter", "Frames repeated because the next was not ready.",
-               [("", sum(s.video.stats.repeated for s in sessions))])
-        metric("frames_dropped_total", "counter", "Frames rendered too late or dropped.",
-               [("", sum(s.stats.frames_dropped + s.video.stats.skipped for s in sessions))])
-        fps = [s.video.stats.sent / s.clock.now() for s in sessions if s.clock.now() > 1.0]
-        metric("session_fps", "gauge", "Mean video frames per second over live sessions.",
-               [("", float(np.mean(fps)) if fps else 0.0)])
-        hist = list(self._closed_stats["latency_hist"])
-        total, count = self._closed_stats["latency_sum"], self._closed_stats["latency_count"]
-        for s in sessions:
-            hist = [a + b for a, b in zip(hist, s.stats.latency_hist, strict=True)]
-            total += s.stats.latency_sum_ms
-            count += s.stats.latency_count
-        cum, samples = 0, []
-        for bound, n in zip([*LATENCY_BUCKETS_MS, "+Inf"], hist, strict=True):
-            cum += n
-            le = bound if bound == "+Inf" else f"{bound / 1000:g}"
-            samples.append((f'_bucket{{le="{le}"}}', cum))
-        samples += [("_sum", total / 1000), ("_count", count)]
-        metric("latency_seconds", "histogram", "Audio in to frame out latency.", samples)
-        offsets = [abs(x) for s in sessions for x in list(s.stats.av_offset_ms)[-25:]]
-        metric("av_offset_seconds", "gauge", "Largest recent |video - voice| offset over live sessions.",
-               [("", max(offsets) / 1000 if offsets else 0.0)])
-        lines += self.scheduler.stats.prometheus_lines("edtalk")
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
-                            headers={"X-Prometheus-Format": "0.0.4"})
+        body, content_type = self.prometheus.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})

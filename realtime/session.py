@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,71 +33,38 @@ from edtalk_live.edtalk.errors import InputError
 from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.audio_in import RATE, AudioInput
 from edtalk_live.realtime.lipbatch import LipBatcher
+from edtalk_live.realtime.metrics import LATENCY_BUCKETS_S, SessionCounts, latency_bucket
+from edtalk_live.realtime.probe import paint_index
+from edtalk_live.realtime.protocol import (
+    Choices,
+    ControlMessage,
+    Emotion,
+    Intensity,
+    Interrupt,
+    Pause,
+    Pose,
+    Resume,
+    SessionOptions,
+    Stats,
+)
 from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler
 from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
 
 logger = logging.getLogger(__name__)
 
-POSE_MODES = ("still", "clip", "idle")
-LATENCY_BUCKETS_MS = (50, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2000)
 
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """What a peer may choose for its session (JSON fields of the offer)."""
-
-    avatar: str = ""
-    emotion: str | None = None
-    intensity: float = 1.0
-    pose: str = "idle"
-    low_latency: bool = False
-    probe: bool = False          # paint each frame's index into its top rows (latency measurements)
-    paste_back: bool = False     # stream the avatar's whole photo with the face blended back in
-
-    FIELDS = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe", "paste_back")
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool
-                  ) -> SessionOptions:
-        """Validate user options; raises :class:`InputError` naming the bad field or value."""
-        unknown = sorted(set(data) - set(cls.FIELDS))
-        if unknown:
-            raise InputError(f"unknown session option {unknown[0]!r}; known: {', '.join(cls.FIELDS)}")
-        avatar = data.get("avatar") or avatars[0]
-        if avatar not in avatars:
-            raise InputError(f"unknown avatar {avatar!r}; available: {', '.join(avatars)}")
-        emotion = data.get("emotion") or None
-        if emotion is not None and emotion not in emotions:
-            raise InputError(f"unknown emotion {emotion!r}; available: {', '.join(emotions) or 'none'}")
-        intensity = _number(data.get("intensity", 1.0), "intensity", 0.0, 2.0)
-        pose = data.get("pose", "idle")
-        if pose not in POSE_MODES:
-            raise InputError(f"unknown pose mode {pose!r}; choose one of {', '.join(POSE_MODES)}")
-        if pose == "clip" and not has_clip:
-            raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
-        return cls(avatar=avatar, emotion=emotion, intensity=intensity, pose=pose,
-                   low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)),
-                   paste_back=bool(data.get("paste_back", False)))
-
-
-def _number(value: Any, name: str, lo: float, hi: float) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not (math.isfinite(x) and lo <= x <= hi):
-        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
-    return x
 
 
 @dataclass
 class SessionStats:
     frames_rendered: int = 0
-    frames_dropped: int = 0
+    frames_dropped: int = 0      # not rendered in time, or rendered too late (the per-session stats reply)
+    frames_late: int = 0         # rendered, but the video track had passed them: discarded
     audio_frames: int = 0
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
     av_offset_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
-    latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    #: latencies per :data:`~realtime.metrics.LATENCY_BUCKETS_S` bucket (not cumulative), then +Inf
+    latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_ms: float = 0.0
     latency_count: int = 0
 
@@ -106,8 +72,7 @@ class SessionStats:
         self.latency_ms.append(ms)
         self.latency_sum_ms += ms
         self.latency_count += 1
-        k = next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if ms <= b), len(LATENCY_BUCKETS_MS))
-        self.latency_hist[k] += 1
+        self.latency_hist[latency_bucket(ms / 1000)] += 1
 
 
 def _percentile(values, q: float) -> float | None:
@@ -333,6 +298,7 @@ class Session:
         for k in [k for k in self.frames if k < index]:
             del self.frames[k]
             self.stats.frames_dropped += 1
+            self.stats.frames_late += 1
         if self.options.probe and image is not None:     # a frame not ready is repeated (and counted) as usual
             image = paint_index(image, index)
         return image
@@ -360,38 +326,36 @@ class Session:
             raise InputError(f"unknown emotion {name!r}; available: {', '.join(sorted(self.presets)) or 'none'}")
         return self.presets[name]
 
-    def control(self, msg: Any) -> dict[str, Any]:
-        """Apply one control message (already parsed JSON); returns the reply. Raises InputError."""
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            raise InputError('a control message is a JSON object with a "type"')
-        kind = msg["type"]
-        if kind == "emotion":
-            if self.expression is None:
-                raise InputError("this model (lip_pose family) has no expression control")
-            target = self._preset(msg.get("name") or None)
-            intensity = _number(msg.get("intensity", self.expression.intensity), "intensity", 0.0, 2.0)
-            self.expression.set_emotion(target, intensity=intensity)
-        elif kind == "intensity":
-            if self.expression is None:
-                raise InputError("this model (lip_pose family) has no expression control")
-            self.expression.set_intensity(_number(msg.get("value"), "intensity", 0.0, 2.0))
-        elif kind == "pose":
-            mode = msg.get("mode")
-            if mode not in POSE_MODES:
-                raise InputError(f"unknown pose mode {mode!r}; choose one of {', '.join(POSE_MODES)}")
-            if mode == "clip" and self.clip_poses is None:
-                raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
-            self.pose.set_mode(mode)
-        elif kind == "pause":
-            self.paused = True
-        elif kind == "resume":
-            self.paused = False
-        elif kind == "interrupt":
-            self.interrupt()
-        elif kind != "stats":
-            raise InputError(f"unknown control message type {kind!r}; "
-                             "known: emotion, intensity, pose, pause, resume, interrupt, stats")
-        return {"type": "stats" if kind == "stats" else "ok", "for": kind, "stats": self.snapshot()}
+    @property
+    def choices(self) -> Choices:
+        """What this session's control messages may choose (for :func:`~realtime.protocol.parse_control`)."""
+        return Choices(emotions=tuple(sorted(self.presets)), has_clip=self.clip_poses is not None,
+                       has_expression=self.expression is not None)
+
+    def control(self, msg: ControlMessage) -> dict[str, Any]:
+        """Apply one control message, parsed by :func:`~realtime.protocol.parse_control` with :attr:`choices`;
+        returns the reply."""
+        match msg:
+            case Emotion(name=name, intensity=intensity):
+                assert self.expression is not None
+                self.expression.set_emotion(self._preset(name), intensity=(
+                    self.expression.intensity if intensity is None else intensity))
+            case Intensity(value=value):
+                assert self.expression is not None
+                self.expression.set_intensity(value)
+            case Pose(mode=mode):
+                self.pose.set_mode(mode)
+            case Pause():
+                self.paused = True
+            case Resume():
+                self.paused = False
+            case Interrupt():
+                self.interrupt()
+            case Stats():
+                pass
+            case _:
+                raise InputError(f"not a control message: {msg!r}")
+        return {"type": "stats" if isinstance(msg, Stats) else "ok", "for": msg.type, "stats": self.snapshot()}
 
     def interrupt(self) -> None:
         """Drop queued audio and frames at once (an agent cutting its own speech)."""
@@ -425,33 +389,12 @@ class Session:
             "pose": self.pose.mode,
         }
 
-
-PROBE_BITS = 16
-
-
-def paint_index(image: np.ndarray, index: int) -> np.ndarray:
-    """A copy of ``image [S,S,3]`` with ``index`` (16 bits) as black/white blocks in its top quarter.
-
-    Two rows of eight square blocks (S/8 wide), most significant bit first: large enough to survive
-    VP8/H.264 compression, so a client can tell exactly which frame it received (see :func:`read_index`).
-    """
-    out = image.copy()
-    s = image.shape[0] // 8
-    for bit in range(PROBE_BITS):
-        r, c = divmod(bit, 8)
-        out[r * s:(r + 1) * s, c * s:(c + 1) * s] = 255 if (index >> (PROBE_BITS - 1 - bit)) & 1 else 0
-    return out
-
-
-def read_index(image: np.ndarray) -> int:
-    """Read back the index painted by :func:`paint_index` (threshold at mid grey, centre of each block)."""
-    s = image.shape[0] // 8
-    value = 0
-    for bit in range(PROBE_BITS):
-        r, c = divmod(bit, 8)
-        block = image[r * s + s // 4:(r + 1) * s - s // 4, c * s + s // 4:(c + 1) * s - s // 4]
-        value = (value << 1) | int(block.mean() > 127)
-    return value
+    def counts(self) -> SessionCounts:
+        """The counters of this session for the server's Prometheus totals (each only grows)."""
+        v = self.video.stats
+        return SessionCounts(frames_sent=v.sent, frames_repeated=v.repeated, frames_skipped=v.skipped,
+                             frames_late=self.stats.frames_late, latency_buckets=tuple(self.stats.latency_hist),
+                             latency_sum=self.stats.latency_sum_ms / 1000)
 
 
 def _round(x: float | None) -> float | None:

@@ -11,7 +11,7 @@ import pytest
 
 from edtalk_live.benchmarks import latency
 from edtalk_live.realtime.client import ClientResult
-from edtalk_live.realtime.session import paint_index
+from edtalk_live.realtime.probe import paint_index
 
 RATE = 16_000
 VOICE_RATE = 48_000

@@ -7,7 +7,6 @@ values (red = lip[0], green = the avatar's id, blue = pose[0]) so every caller c
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 from types import SimpleNamespace
@@ -15,6 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler, SchedulerClosed, SchedulerStats
@@ -430,73 +431,64 @@ def test_stop_fails_pending_requests_and_leaves_nothing_behind():
 
 # ------------------------------------------------------------------------------------------ metrics
 
-_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
-                     r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)\})? (\S+)')
-
-
-def parse_prometheus(lines: list[str]) -> dict[tuple[str, tuple], float]:
-    """Parse text-format lines strictly: ``# HELP``/``# TYPE`` comments, then ``name{labels} value`` samples."""
+def scrape(*collectors) -> tuple[dict[tuple[str, tuple], float], dict[str, str]]:
+    """Expose ``collectors`` in a fresh registry and parse the text back: samples and family types."""
+    registry = CollectorRegistry()
+    for c in collectors:
+        registry.register(c)
     samples: dict[tuple[str, tuple], float] = {}
-    typed: dict[str, str] = {}
-    for line in lines:
-        assert "\n" not in line
-        if line.startswith("#"):
-            parts = line.split(" ", 3)
-            assert parts[1] in ("HELP", "TYPE") and len(parts) == 4, line
-            if parts[1] == "TYPE":
-                assert parts[3] in ("counter", "gauge", "histogram"), line
-                typed[parts[2]] = parts[3]
-            continue
-        m = _SAMPLE.fullmatch(line)
-        assert m, f"not a Prometheus sample line: {line!r}"
-        name, labels, value = m.group(1), m.group(3), m.group(4)
-        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in typed else name
-        assert family in typed, f"sample {name} before its # TYPE"
-        label_items = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or ""))
-        samples[(name, label_items)] = float(value)               # accepts +Inf / NaN spellings too
-    return samples
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples, types
 
 
-def test_prometheus_lines_parse_and_agree_with_stats():
+def test_metrics_agree_with_stats():
     fake = FakeRenderer(delay=0.002, fail_on=250)
 
-    async def main() -> SchedulerStats:
+    async def main() -> tuple[SchedulerStats, tuple]:
         async with FrameScheduler(fake, max_batch=4, max_wait_ms=2.0) as s:
             await asyncio.gather(*(s.render(avatar(1), *coeffs(v), session=str(v % 5)) for v in range(11)))
             with pytest.raises(RuntimeError):
                 await s.render(avatar(1), *coeffs(250))
             with pytest.raises(FrameDropped):
                 await s.render(avatar(1), *coeffs(1), deadline=0.0)
-            return s.stats
+            return s.stats, scrape(s.metrics)
 
-    stats = run(main)
-    samples = parse_prometheus(stats.prometheus_lines())
+    stats, (samples, types) = run(main)
+    assert types["edtalk_frames_rendered"] == "counter" and types["edtalk_render_batch_seconds"] == "histogram"
+    assert types["edtalk_scheduler_queue_depth"] == "gauge"
     assert samples[("edtalk_frames_rendered_total", ())] == stats.frames_rendered == 11
     assert samples[("edtalk_render_batches_total", ())] == stats.batches
     assert samples[("edtalk_frames_dropped_total", (("reason", "error"),))] == 1
     assert samples[("edtalk_frames_dropped_total", (("reason", "deadline"),))] == 1
     assert samples[("edtalk_frames_dropped_total", (("reason", "queue_full"),))] == 0
+    assert samples[("edtalk_frames_dropped_total", (("reason", "stopped"),))] == 0
+    assert samples[("edtalk_render_batch_seconds_ewma", ())] == pytest.approx(stats.render_seconds_ewma)
+    assert samples[("edtalk_scheduler_queue_depth", ())] == 0 and samples[("edtalk_scheduler_in_flight", ())] == 0
     for hist, total in (("edtalk_render_batch_size", 11), ("edtalk_render_batch_seconds", stats.render_seconds_sum)):
         buckets = [(k[1][0][1], v) for k, v in samples.items() if k[0] == f"{hist}_bucket"]
         counts = [v for _, v in buckets]
         assert buckets[-1][0] == "+Inf" and counts == sorted(counts)   # cumulative
         assert counts[-1] == samples[(f"{hist}_count", ())] == stats.batches
         assert samples[(f"{hist}_sum", ())] == pytest.approx(total)
-    sizes = {k[1][0][1]: v for k, v in samples.items() if k[0] == "edtalk_render_batch_size_bucket"}
-    assert list(sizes) == ["1", "2", "4", "+Inf"]
-    assert sizes["4"] == stats.batches and sizes["1"] == stats.batch_sizes.get(1, 0)
-
-    labelled = parse_prometheus(stats.prometheus_lines("live", labels={"device": 'cu"da\\0'}))
-    assert labelled[("live_frames_rendered_total", (("device", 'cu\\"da\\\\0'),))] == 11
-    with pytest.raises(InputError):
-        stats.prometheus_lines("bad-prefix")
+    sizes = {float(k[1][0][1]): v for k, v in samples.items() if k[0] == "edtalk_render_batch_size_bucket"}
+    assert list(sizes) == [1, 2, 4, float("inf")]
+    assert sizes[4] == stats.batches and sizes[1] == stats.batch_sizes.get(1, 0)
 
 
-def test_parser_rejects_malformed_lines():
-    with pytest.raises(AssertionError):
-        parse_prometheus(["# TYPE x counter", "x{a=1} 2"])
-    with pytest.raises(AssertionError):
-        parse_prometheus(["y 1"])
+def test_metrics_of_two_schedulers_are_separate():
+    """Each scheduler counts into its own metrics (no process-wide registry)."""
+
+    async def main() -> tuple:
+        async with FrameScheduler(FakeRenderer(), max_batch=2) as a, FrameScheduler(FakeRenderer(), max_batch=2) as b:
+            await a.render(avatar(1), *coeffs(1))
+            return scrape(a.metrics)[0], scrape(b.metrics)[0]
+
+    first, second = run(main)
+    assert first[("edtalk_frames_rendered_total", ())] == 1 and second[("edtalk_frames_rendered_total", ())] == 0
 
 
 # ------------------------------------------------------------------------------------------ real renderer

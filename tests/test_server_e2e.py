@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import json
 import socket
 from pathlib import Path
@@ -14,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 import edtalk_live.edtalk as edtalk
 from edtalk_live.engines import create_renderer
 from edtalk_live.realtime.client import run_client
+from edtalk_live.realtime.protocol import SessionOptions
 from edtalk_live.realtime.serve import build_server
 from edtalk_live.realtime.server import ServerSettings
-from edtalk_live.realtime.session import Session, SessionOptions
+from edtalk_live.realtime.session import Session
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +55,19 @@ class Running:
     async def get(self, path: str):
         async with aiohttp.ClientSession() as http, http.get(self.url + path) as r:
             return r.status, (await r.json() if r.content_type == "application/json" else await r.text())
+
+    async def metrics(self) -> dict[tuple[str, tuple], tuple[str, float]]:
+        """``/metrics`` parsed: ``{(sample name, labels): (family type, value)}``."""
+        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as r:
+            assert r.status == 200 and r.content_type == "text/plain", (r.status, r.content_type)
+            text = await r.text()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                assert key not in samples, f"{key} exported twice"
+                samples[key] = (family.type, sample.value)
+        return samples
 
     async def post(self, path: str, data: bytes | str, content_type="application/json"):
         async with aiohttp.ClientSession() as http, http.post(
@@ -131,7 +147,43 @@ def test_session_streams_video_and_voice(tmp_path, edtalk_weights, face_image, s
     # the peer hung up: nothing left behind
     assert peers == 0 and health["sessions"] == 0 and leftover == []
     assert "edtalk_frames_sent_total" in metrics and 'edtalk_latency_seconds_bucket{le="+Inf"}' in metrics
-    assert "edtalk_render_batch_size_bucket" in metrics
+    assert "edtalk_render_batch_size_bucket" in metrics and "edtalk_sessions_started_total 1.0" in metrics
+
+
+def test_counters_do_not_go_down_when_a_session_ends(edtalk_weights, face_image, speech):
+    """Scrape /metrics while a session repeats and drops frames, then after it ended: no counter went down."""
+
+    async def main():
+        async with Running(edtalk_weights, face_image) as srv:
+            scheduler, calls = srv.server.scheduler, itertools.count()
+            render = scheduler.render
+
+            async def slow(*args, **kw):            # every third frame misses its deadline: dropped, repeated
+                if next(calls) % 3 == 0:
+                    await asyncio.sleep(0.3)
+                return await render(*args, **kw)
+
+            scheduler.render = slow
+            client = asyncio.create_task(run_client(srv.url, speech[: 3 * 16000], None))
+            live = None
+            while not client.done():                # the last scrape taken while the session was live
+                await asyncio.sleep(0.1)
+                scraped = await srv.metrics()
+                if scraped[("edtalk_sessions", ())][1] == 1:
+                    live = scraped
+            await client
+            await _until(lambda: not srv.server.peers)
+            return live, await srv.metrics()
+
+    live, after = asyncio.run(main())
+    assert live is not None and after[("edtalk_sessions", ())][1] == 0
+    assert live[("edtalk_frames_repeated_total", ())][1] > 0, "the slow renderer caused no repeat"
+    assert live[("edtalk_frames_dropped_total", (("reason", "deadline"),))][1] > 0
+    totals = {k: v for k, (kind, v) in live.items()
+              if kind in ("counter", "histogram") and not k[0].endswith("_created")}
+    assert len(totals) > 20
+    went_down = {k: (v, after[k][1]) for k, v in totals.items() if after[k][1] < v}
+    assert not went_down, f"counters went down when the session ended: {went_down}"
 
 
 def test_bad_requests_get_clear_errors_and_server_keeps_serving(edtalk_weights, face_image, speech):

@@ -1,7 +1,7 @@
 /*
  * edtalk-live browser client: microphone in, talking face (and the delayed voice) out.
  *
- * Protocol (see realtime/server.py and realtime/session.py):
+ * Protocol (see realtime/server.py and realtime/protocol.py):
  *   GET  config  -> {avatars, emotions, pose_modes, ice_servers, size, family}
  *   POST offer   <- {sdp, type: "offer", avatar, emotion, intensity, pose, low_latency, paste_back}
  *                -> {sdp, type: "answer", session}   or 4xx/503 {error}

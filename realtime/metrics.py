@@ -1,0 +1,202 @@
+"""Every Prometheus metric of the server, defined once: names, help texts, buckets.
+
+Each :class:`~realtime.server.AvatarServer` has its own :class:`ServerMetrics` with its own
+``CollectorRegistry`` (never the process-wide default one), exposed at ``GET /metrics`` by
+:meth:`ServerMetrics.exposition`. Each :class:`~realtime.scheduler.FrameScheduler` owns a
+:class:`SchedulerMetrics` (incremented as frames render or drop), which the server registers in
+its registry.
+
+Counters only grow. The scheduler's grow at the event. A session's frame counts and latencies
+live on the session while it runs; :class:`SessionTotals` reports the final counts of the
+sessions that ended (kept when each ends, :meth:`SessionTotals.retire`) plus the current counts
+of the live ones, so a session that ends never takes anything away from a total.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+#: upper bounds (seconds) of the audio-in to frame-out latency histogram (+Inf is implied)
+LATENCY_BUCKETS_S: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
+#: upper bounds (seconds) of the render-time histogram (+Inf is implied)
+RENDER_SECONDS_BUCKETS: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+                                             5.12)
+#: why the frame scheduler did not render a frame: the ``reason`` label of ``edtalk_frames_dropped_total``
+DROP_REASONS: tuple[str, ...] = ("deadline", "queue_full", "error", "stopped")
+#: why an offer was refused: the ``reason`` label of ``edtalk_sessions_rejected_total``
+REJECT_REASONS: tuple[str, ...] = ("full", "bad_request", "too_large")
+
+
+def batch_size_buckets(max_batch: int) -> tuple[float, ...]:
+    """Bucket bounds of the batch-size histogram: the powers of two up to ``max_batch``, and ``max_batch``."""
+    top = max(int(max_batch), 1)
+    return tuple(sorted({2 ** i for i in range(top.bit_length()) if 2 ** i <= top} | {top}))
+
+
+def latency_bucket(seconds: float) -> int:
+    """Index of the :data:`LATENCY_BUCKETS_S` bucket of a latency (``len(LATENCY_BUCKETS_S)``: +Inf)."""
+    return bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
+
+
+# ------------------------------------------------------------------------------------------ scheduler
+
+
+class SchedulerMetrics:
+    """The frame scheduler's metrics (a collector: register it in a registry to expose them).
+
+    ``queue_depth`` and ``in_flight`` are read when the metrics are collected.
+    """
+
+    def __init__(self, max_batch: int, queue_depth: Callable[[], float], in_flight: Callable[[], float]):
+        self.frames_rendered = Counter("edtalk_frames_rendered", "Frames rendered by the frame scheduler.",
+                                       registry=None)
+        self.batches = Counter("edtalk_render_batches", "Renderer calls made by the frame scheduler.", registry=None)
+        self.frames_dropped = Counter("edtalk_frames_dropped", "Frames the frame scheduler did not render, by reason.",
+                                      ["reason"], registry=None)
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(reason)             # every reason is exported, from 0
+        self.batch_size = Histogram("edtalk_render_batch_size", "Frames per renderer call.",
+                                    buckets=batch_size_buckets(max_batch), registry=None)
+        self.batch_seconds = Histogram("edtalk_render_batch_seconds", "Time per renderer call, in seconds.",
+                                       buckets=RENDER_SECONDS_BUCKETS, registry=None)
+        self.batch_seconds_ewma = Gauge("edtalk_render_batch_seconds_ewma",
+                                        "Moving average of the time per renderer call, seconds.", registry=None)
+        self.queue_depth = Gauge("edtalk_scheduler_queue_depth", "Frame requests waiting for dispatch.",
+                                 registry=None)
+        self.queue_depth.set_function(queue_depth)
+        self.in_flight = Gauge("edtalk_scheduler_in_flight", "Frames in the renderer call running now.",
+                               registry=None)
+        self.in_flight.set_function(in_flight)
+        self._all = (self.frames_rendered, self.batches, self.frames_dropped, self.batch_size, self.batch_seconds,
+                     self.batch_seconds_ewma, self.queue_depth, self.in_flight)
+
+    def batch(self, size: int, seconds: float, ewma: float) -> None:
+        """One renderer call of ``size`` frames took ``seconds``."""
+        self.frames_rendered.inc(size)
+        self.batches.inc()
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+        self.batch_seconds_ewma.set(ewma)
+
+    def dropped(self, reason: str, n: int = 1) -> None:
+        self.frames_dropped.labels(reason).inc(n)
+
+    def describe(self) -> Iterator[Metric]:
+        for m in self._all:
+            yield from m.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self._all:
+            yield from m.collect()
+
+
+# ------------------------------------------------------------------------------------------ sessions
+
+
+@dataclass(frozen=True)
+class SessionCounts:
+    """The counters of one session (or a sum over sessions); each only grows while a session runs."""
+
+    frames_sent: int = 0
+    frames_repeated: int = 0     # the previous frame sent again: the due one was not ready
+    frames_skipped: int = 0      # frame indices jumped over: the video track fell behind the clock
+    frames_late: int = 0         # frames rendered after the track had passed them, discarded
+    #: latencies per :data:`LATENCY_BUCKETS_S` bucket (not cumulative), then +Inf
+    latency_buckets: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS_S) + 1)
+    latency_sum: float = 0.0     # seconds
+
+    def __add__(self, other: SessionCounts) -> SessionCounts:
+        return SessionCounts(
+            frames_sent=self.frames_sent + other.frames_sent,
+            frames_repeated=self.frames_repeated + other.frames_repeated,
+            frames_skipped=self.frames_skipped + other.frames_skipped,
+            frames_late=self.frames_late + other.frames_late,
+            latency_buckets=tuple(a + b for a, b in zip(self.latency_buckets, other.latency_buckets, strict=True)),
+            latency_sum=self.latency_sum + other.latency_sum,
+        )
+
+
+class SessionTotals:
+    """Frame counters and the latency histogram over every session of a server (a collector).
+
+    ``live()`` gives the counts of the sessions running now; :meth:`retire` keeps a session's final
+    counts when it ends (call it once, when the session no longer appears in ``live()``).
+    """
+
+    def __init__(self, live: Callable[[], Iterable[SessionCounts]]):
+        self._live = live
+        self._retired = SessionCounts()
+
+    def retire(self, counts: SessionCounts) -> None:
+        self._retired = self._retired + counts
+
+    def total(self) -> SessionCounts:
+        total = self._retired
+        for counts in self._live():
+            total = total + counts
+        return total
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(SessionCounts())
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.total())
+
+    @staticmethod
+    def _families(c: SessionCounts) -> Iterator[Metric]:
+        yield CounterMetricFamily("edtalk_frames_sent", "Video frames sent.", value=c.frames_sent)
+        yield CounterMetricFamily("edtalk_frames_repeated", "Video frames repeated because the next was not ready.",
+                                  value=c.frames_repeated)
+        yield CounterMetricFamily("edtalk_frames_skipped",
+                                  "Video frames jumped over because the track fell behind the clock.",
+                                  value=c.frames_skipped)
+        yield CounterMetricFamily("edtalk_frames_late", "Frames rendered after their send time, discarded.",
+                                  value=c.frames_late)
+        cumulative, buckets = 0, []
+        for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), c.latency_buckets, strict=True):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily("edtalk_latency_seconds", "Audio in to frame out latency, seconds.",
+                                    buckets=buckets, sum_value=c.latency_sum)
+
+
+# ------------------------------------------------------------------------------------------ server
+
+
+class ServerMetrics:
+    """All metrics of one server, in :attr:`registry`.
+
+    ``live_counts()`` gives the counts of the sessions running now (see :class:`SessionTotals`);
+    ``scheduler`` is the server's frame scheduler's metrics. The gauges about live sessions are
+    bound by the server (``Gauge.set_function``).
+    """
+
+    def __init__(self, max_sessions: int, live_counts: Callable[[], Iterable[SessionCounts]],
+                 scheduler: SchedulerMetrics | None = None):
+        self.registry = r = CollectorRegistry()
+        self.sessions = Gauge("edtalk_sessions", "Live sessions.", registry=r)
+        self.sessions_max = Gauge("edtalk_sessions_max", "Session limit.", registry=r)
+        self.sessions_max.set(max_sessions)
+        self.sessions_started = Counter("edtalk_sessions_started", "Sessions started.", registry=r)
+        self.sessions_rejected = Counter("edtalk_sessions_rejected", "Offers refused, by reason.", ["reason"],
+                                         registry=r)
+        for reason in REJECT_REASONS:
+            self.sessions_rejected.labels(reason)
+        self.session_fps = Gauge("edtalk_session_fps", "Mean video frames per second over live sessions.",
+                                 registry=r)
+        self.av_offset = Gauge("edtalk_av_offset_seconds",
+                               "Largest recent |video - voice| offset over live sessions, seconds.", registry=r)
+        self.session_totals = SessionTotals(live_counts)
+        r.register(self.session_totals)
+        if scheduler is not None:
+            r.register(scheduler)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

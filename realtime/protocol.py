@@ -1,0 +1,215 @@
+"""What a peer may send: the session options of its offer and the messages of its ``control`` data channel.
+
+Both are parsed once, here, into typed values; one set of checks (numbers and their ranges, pose
+modes, emotion and avatar names) serves both. A bad field or value raises a one-line
+:class:`~edtalk.errors.InputError` naming it. The session only dispatches on the typed message.
+
+Control messages are JSON objects with a ``type``::
+
+    {"type": "emotion", "name": "happy", "intensity": 1.2}    name null/"" = no expression; intensity optional
+    {"type": "intensity", "value": 0.8}
+    {"type": "pose", "mode": "idle"}                          still | clip | idle
+    {"type": "pause"} {"type": "resume"} {"type": "interrupt"} {"type": "stats"}
+
+Each is answered with ``{"type": "ok" | "stats", "for": <type>, "stats": {...}}`` or
+``{"type": "error", "error": "..."}``. Unknown extra fields are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from edtalk_live.avatar.motion import MAX_INTENSITY
+from edtalk_live.avatar.motion import MODES as POSE_MODES
+from edtalk_live.edtalk.errors import InputError
+
+INTENSITY_RANGE = (0.0, MAX_INTENSITY)      # the same range as render --intensity
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What this server offers; the name checks of offers and control messages read it."""
+
+    avatars: tuple[str, ...] = ()
+    emotions: tuple[str, ...] = ()
+    has_clip: bool = False           # a pose clip was given to the server (pose mode ``clip``)
+    has_expression: bool = True      # the model has expression control (not the lip_pose family)
+
+
+# ------------------------------------------------------------------------------------------ shared checks
+
+
+def check_number(value: Any, name: str, lo: float, hi: float) -> float:
+    """``value`` as a finite float in ``[lo, hi]``."""
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
+    return x
+
+
+def check_intensity(value: Any) -> float:
+    return check_number(value, "intensity", *INTENSITY_RANGE)
+
+
+def check_emotion(name: Any, choices: Choices) -> str | None:
+    """An emotion preset name, or ``None`` (no expression) for ``None`` / ``""``."""
+    if not choices.has_expression:
+        raise InputError("this model (lip_pose family) has no expression control")
+    name = name or None
+    if name is not None and name not in choices.emotions:
+        raise InputError(f"unknown emotion {name!r}; available: {', '.join(choices.emotions) or 'none'}")
+    return name
+
+
+def check_pose_mode(mode: Any, choices: Choices) -> str:
+    if mode not in POSE_MODES:
+        raise InputError(f"unknown pose mode {mode!r}; choose one of {', '.join(POSE_MODES)}")
+    if mode == "clip" and not choices.has_clip:
+        raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
+    return mode
+
+
+def check_avatar(name: Any, choices: Choices) -> str:
+    """An avatar name; empty or missing means the first avatar."""
+    if not choices.avatars:
+        raise InputError("the server has no avatar")
+    avatar = name or choices.avatars[0]
+    if avatar not in choices.avatars:
+        raise InputError(f"unknown avatar {avatar!r}; available: {', '.join(choices.avatars)}")
+    return avatar
+
+
+# ------------------------------------------------------------------------------------------ session options
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a peer may choose for its session (JSON fields of the offer)."""
+
+    avatar: str = ""
+    emotion: str | None = None
+    intensity: float = 1.0
+    pose: str = "idle"
+    low_latency: bool = False
+    probe: bool = False          # paint each frame's index into its top rows (latency measurements)
+    paste_back: bool = False     # stream the avatar's whole photo with the face blended back in
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe",
+                                         "paste_back")
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], choices: Choices) -> SessionOptions:
+        """Validate the offer's options; raises :class:`InputError` naming the bad field or value."""
+        unknown = sorted(set(data) - set(cls.FIELDS))
+        if unknown:
+            raise InputError(f"unknown session option {unknown[0]!r}; known: {', '.join(cls.FIELDS)}")
+        emotion = data.get("emotion") or None
+        return cls(avatar=check_avatar(data.get("avatar"), choices),
+                   # a model without expressions accepts "no emotion" in an offer
+                   emotion=None if emotion is None else check_emotion(emotion, choices),
+                   intensity=check_intensity(data.get("intensity", 1.0)),
+                   pose=check_pose_mode(data.get("pose", "idle"), choices),
+                   low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)),
+                   paste_back=bool(data.get("paste_back", False)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool
+                  ) -> SessionOptions:
+        """:meth:`parse` with the server's avatar and emotion names and whether it has a pose clip."""
+        return cls.parse(data, Choices(avatars=tuple(avatars), emotions=tuple(emotions), has_clip=has_clip))
+
+
+# ------------------------------------------------------------------------------------------ control messages
+
+
+@dataclass(frozen=True)
+class Emotion:
+    """Blend to emotion ``name`` (``None``: no expression), at ``intensity`` (``None``: keep the current one)."""
+
+    name: str | None
+    intensity: float | None = None
+    type: ClassVar[str] = "emotion"
+
+
+@dataclass(frozen=True)
+class Intensity:
+    value: float
+    type: ClassVar[str] = "intensity"
+
+
+@dataclass(frozen=True)
+class Pose:
+    mode: str
+    type: ClassVar[str] = "pose"
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Mute: the mouth rests and the voice is silent until :class:`Resume`."""
+
+    type: ClassVar[str] = "pause"
+
+
+@dataclass(frozen=True)
+class Resume:
+    type: ClassVar[str] = "resume"
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Drop queued audio and frames at once (an agent cutting its own speech)."""
+
+    type: ClassVar[str] = "interrupt"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Ask for the session's statistics (every reply carries them; this one is typed ``stats``)."""
+
+    type: ClassVar[str] = "stats"
+
+
+ControlMessage = Emotion | Intensity | Pose | Pause | Resume | Interrupt | Stats
+
+#: control message types, in the order error messages list them
+CONTROL_TYPES: tuple[str, ...] = tuple(m.type for m in (Emotion, Intensity, Pose, Pause, Resume, Interrupt, Stats))
+
+
+def parse_control(raw: str | bytes | dict[str, Any], choices: Choices) -> ControlMessage:
+    """One control message (JSON text or an already decoded object) as a typed message.
+
+    Raises :class:`InputError` for anything else: not JSON, no ``type``, an unknown type, or a bad
+    field (the same checks as the offer's options).
+    """
+    if isinstance(raw, (str, bytes)):
+        try:
+            msg = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InputError("control messages must be JSON objects") from None
+    else:
+        msg = raw
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise InputError('a control message is a JSON object with a "type"')
+    kind = msg["type"]
+    if kind == "emotion":
+        name = check_emotion(msg.get("name"), choices)
+        intensity = msg.get("intensity")
+        return Emotion(name, None if intensity is None else check_intensity(intensity))
+    if kind == "intensity":
+        if not choices.has_expression:
+            raise InputError("this model (lip_pose family) has no expression control")
+        return Intensity(check_intensity(msg.get("value")))
+    if kind == "pose":
+        return Pose(check_pose_mode(msg.get("mode"), choices))
+    simple = {"pause": Pause, "resume": Resume, "interrupt": Interrupt, "stats": Stats}
+    if kind in simple:
+        return simple[kind]()
+    raise InputError(f"unknown control message type {kind!r}; known: {', '.join(CONTROL_TYPES)}")
