@@ -189,6 +189,12 @@ class Session:
     # ------------------------------------------------------------ audio in
     def push_audio(self, frame: av.AudioFrame) -> None:
         """One received audio frame (any rate and layout)."""
+        if not self.audio.anchored:
+            # the first speech starts a video frame: the session's frame grid is moved (once, by less than a
+            # frame, while only silence is shown) to pass through its arrival, so its frames are render's
+            phase = int(self.clock.now() * RATE) % SAMPLES_PER_FRAME
+            if phase:
+                self.clock.shift(phase / RATE)
         now = self.clock.now()
         self._last_audio = now
         self.stats.audio_frames += 1

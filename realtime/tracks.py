@@ -66,6 +66,13 @@ class SessionClock:
         """Start session time now (before any frame was sent: when the peer connects)."""
         self.t0 = self._time()
 
+    def shift(self, seconds: float) -> None:
+        """Move session time back by ``seconds`` (once, before the first speech: see ``Session.push_audio``).
+
+        What is due later is sent later by as much: a one-time pause of both tracks.
+        """
+        self.t0 += seconds
+
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` of session time (overridable for simulated clocks in tests)."""
         await asyncio.sleep(seconds)
