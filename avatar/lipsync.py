@@ -1,7 +1,7 @@
 """Streaming Audio-to-Motion: 16 kHz mono audio in, one mouth-coefficient vector per 40 ms video frame out.
 
 The front end of the real-time server. It computes exactly what the offline renderer computes
-(``clients.render._lip_from_audio``)::
+(``edtalk_live.avatar.speech.lips_for_audio``)::
 
     smooth(audio_to_lip(mel_windows(melspectrogram(wav), T)))      # wav cut to T whole frames of 640 samples
 

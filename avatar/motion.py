@@ -225,7 +225,7 @@ class PoseSource:
 
     * ``still``: ``rest_pose`` exactly, every frame;
     * ``clip``: the clip forward then backward (frames ``0..N-1, N-2..1, 0, ..``), endlessly, as
-      ``clients.render.pingpong``;
+      ``edtalk_live.avatar.driving.pingpong``;
     * ``idle``: ``rest_pose`` plus :class:`IdleMotion` (smooth, small, livelier while ``voiced``),
       sized by :attr:`pose_scale` (the clip's per-coefficient std when a clip was given).
 

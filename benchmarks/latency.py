@@ -4,7 +4,7 @@
     python -m benchmarks.latency --weights DIR --avatar face.png --backend onnxruntime
     python -m benchmarks.latency --server http://gpu-box:8080 --sessions 16
 
-For every concurrency N, N Python clients (``clients.client.run_client``, aiortc: Opus and VP8 encode
+For every concurrency N, N Python clients (``edtalk_live.realtime.client.run_client``, aiortc: Opus and VP8 encode
 and decode, both jitter buffers) connect at once and each sends the same audio in real time. The
 sessions run in probe mode: the server paints each video frame's index ``i`` into the frame's top
 quarter (``realtime.probe.paint_index``), so the client knows exactly which frame it received.
@@ -302,10 +302,11 @@ def _valid_indices(indices: Sequence[int]) -> np.ndarray:
 
 
 def analyse_session(result, sent: np.ndarray, read_index=None) -> SessionMeasure:
-    """Latencies and offsets of one :class:`clients.client.ClientResult` (run with ``probe`` and ``keep_frames``).
+    """Latencies and offsets of one :class:`edtalk_live.realtime.client.ClientResult` (run with ``probe`` and
+    ``keep_frames``).
 
     ``sent`` is the float 16 kHz audio the client sent; ``read_index`` reads a frame's painted index
-    (default :func:`realtime.probe.read_index`).
+    (default :func:`edtalk_live.realtime.probe.read_index`).
     """
     if read_index is None:
         from edtalk_live.realtime.probe import read_index

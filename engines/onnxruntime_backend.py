@@ -49,7 +49,7 @@ def _provider_name(provider: Any) -> str:
 
 
 class OnnxRuntimeRenderer(Renderer):
-    """Runs the graphs of an ONNX export directory (see :func:`export.onnx.export_model`)."""
+    """Runs the graphs of an ONNX export directory (see :func:`edtalk_live.export.onnx.export_model`)."""
 
     name = "onnxruntime"
 

@@ -152,7 +152,7 @@ class TRTEngine:
 class TensorRTRenderer(Renderer):
     """Runs the graphs of an ONNX export directory as TensorRT engines on one CUDA device.
 
-    Engines are built on first use and cached (:func:`engines.trt_build.build_all`); ``fp16``
+    Engines are built on first use and cached (:func:`edtalk_live.engines.trt_build.build_all`); ``fp16``
     builds FP16 engines with the overflow-prone layers in FP32. Batches above ``max_batch`` are
     split into chunks. Source encodings and expression feature maps stay on the GPU.
     """

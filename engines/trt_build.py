@@ -3,7 +3,7 @@
     options = BuildOptions(fp16=True, max_batch=64)
     paths = build_all("exports/edtalk", options=options)      # {"encoder": Path(...), "decoder": ...}
 
-Every graph of an export directory (see :func:`export.onnx.export_model`) becomes one serialized
+Every graph of an export directory (see :func:`edtalk_live.export.onnx.export_model`) becomes one serialized
 engine with one optimization profile over the batch axis: min 1, opt ``opt_batch``, max
 ``max_batch``; the decoder's source inputs (``wa``, ``feat*``, axis ``src_batch``) get min 1, opt 1,
 max ``max_batch`` because one avatar usually drives the whole batch. Engines are cached under

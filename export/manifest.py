@@ -1,6 +1,6 @@
 """The manifest of an ONNX export directory: which graph file holds which stage, with its inputs and outputs.
 
-An export directory (see :func:`export.onnx.export_model`) holds one ``<stage>.onnx`` per stage and
+An export directory (see :func:`edtalk_live.export.onnx.export_model`) holds one ``<stage>.onnx`` per stage and
 ``manifest.json``:
 
     {

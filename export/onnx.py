@@ -153,10 +153,11 @@ def verify_graph(spec: StageSpec, path: Path, batches=(1, 3, 8), seed: int = 0) 
 
 def export_model(model: EDTalkModel, out_dir: str | Path, opset: int = OPSET, simplify: bool = True,
                  verify: bool = True, progress: Callable | None = None) -> list[ExportedGraph]:
-    """Export every stage of ``model`` to ``out_dir/<stage>.onnx`` and write ``manifest.json`` (:mod:`export.manifest`).
+    """Export every stage of ``model`` to ``out_dir/<stage>.onnx`` and write ``manifest.json``
+    (:mod:`edtalk_live.export.manifest`).
 
     Each graph is checked with ``onnx.checker``, optionally simplified, checked against the
-    TensorRT operator set (:func:`export.trt_compat.check_graph`), verified against PyTorch with
+    TensorRT operator set (:func:`edtalk_live.export.trt_compat.check_graph`), verified against PyTorch with
     ONNX Runtime at batch 1, 3 and 8, and stamped with metadata (family, size, weights hash, opset).
     ``progress(stage_name)`` is called before each stage.
     """

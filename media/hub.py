@@ -13,7 +13,7 @@ copied to ``DIR/.partial/``, checked there with the same checks as :func:`edtalk
 only then renamed to its final name, so an interrupted or failed run never leaves a file under a
 name that could pass for complete; a file that fails the checks is reported and not placed.
 
-The default folder is :func:`edtalk.weights.default_weights_dir`: ``$EDTALK_LIVE_WEIGHTS`` when
+The default folder is :func:`edtalk_live.media.weights.default_weights_dir`: ``$EDTALK_LIVE_WEIGHTS`` when
 set, else ``$XDG_CACHE_HOME/edtalk-live/weights`` (``~/.cache/edtalk-live/weights``).
 
 Offline (``HF_HUB_OFFLINE=1``, or the Hub unreachable) the files come from the local Hugging Face
@@ -214,7 +214,7 @@ def list_weights(folder: str | os.PathLike[str] | None = None) -> list[WeightInf
     """Check every expected file of a weights folder (default: :func:`default_weights_dir`).
 
     One row per checkpoint (``EDTalk.pt``, ``EDTalk_lip_pose.pt``, ``Audio2Lip.pt``; looked up in the
-    folder and its ``ckpts/`` subfolder, like :func:`edtalk.weights.find_weights`), then one row per
+    folder and its ``ckpts/`` subfolder, like :func:`edtalk_live.media.weights.find_weights`), then one row per
     preset ``.npy`` (or one ``missing`` row when there is none). Never raises for a missing or
     damaged file: its row says what is wrong.
     """

@@ -1,6 +1,6 @@
 """One Audio2Lip call for the mouths of all sessions.
 
-Each session's :class:`~realtime.lipsync.StreamingLipSync` makes one ``audio_to_lip`` call per
+Each session's :class:`~edtalk_live.avatar.lipsync.StreamingLipSync` makes one ``audio_to_lip`` call per
 ``pop``. With many sessions those small calls (one or two mel windows each) dominate the render
 thread. :func:`pop_many` pops several lip-syncs with a single ``audio_to_lip`` call, in two passes:
 the first pass runs every ``pop`` until it asks for coefficients and records its windows (nothing

@@ -1,8 +1,8 @@
 """Every Prometheus metric of the server, defined once: names, help texts, buckets.
 
-Each :class:`~realtime.server.AvatarServer` has its own :class:`ServerMetrics` with its own
+Each :class:`~edtalk_live.realtime.server.AvatarServer` has its own :class:`ServerMetrics` with its own
 ``CollectorRegistry`` (never the process-wide default one), exposed at ``GET /metrics`` by
-:meth:`ServerMetrics.exposition`. Each :class:`~realtime.scheduler.FrameScheduler` owns a
+:meth:`ServerMetrics.exposition`. Each :class:`~edtalk_live.realtime.scheduler.FrameScheduler` owns a
 :class:`SchedulerMetrics` (incremented as frames render or drop), which the server registers in
 its registry.
 

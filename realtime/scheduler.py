@@ -70,7 +70,7 @@ class SchedulerStats:
     batches: int = 0
     #: renderer calls per batch size, ``{size: count}``
     batch_sizes: dict[int, int] = field(default_factory=dict)
-    #: frames dropped per reason (:data:`~realtime.metrics.DROP_REASONS`)
+    #: frames dropped per reason (:data:`~edtalk_live.realtime.metrics.DROP_REASONS`)
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     render_seconds_last: float = 0.0
     render_seconds_ewma: float = 0.0
@@ -109,7 +109,7 @@ class FrameScheduler:
     renderer call already running. Requests are served oldest first; when several sessions have
     requests waiting, a batch takes one from each session in turn (oldest head first), so a
     session with a backlog cannot crowd the others out of a batch. :attr:`stats` is a snapshot of the
-    counters; :attr:`metrics` the same as Prometheus metrics (see :mod:`realtime.metrics`).
+    counters; :attr:`metrics` the same as Prometheus metrics (see :mod:`edtalk_live.realtime.metrics`).
     """
 
     def __init__(self, renderer: Renderer, max_batch: int = 16, max_wait_ms: float = 4.0, max_queue: int = 256,

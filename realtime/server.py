@@ -2,7 +2,7 @@
 
 Routes: ``GET /`` (the browser page), ``POST /offer`` (SDP offer + session options -> answer),
 ``GET /config`` (avatars, emotions, pose modes, ICE servers for clients), ``GET /health``,
-``GET /metrics`` (Prometheus text, :mod:`realtime.metrics`). State lives on the :class:`AvatarServer`
+``GET /metrics`` (Prometheus text, :mod:`edtalk_live.realtime.metrics`). State lives on the :class:`AvatarServer`
 object, never in module globals; a failing session closes only its own peer connection.
 """
 

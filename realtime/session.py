@@ -4,7 +4,7 @@ The session owns the per-peer state and two tasks (audio consumer, frame produce
 read from it. Nothing here knows about networks: the server wires a session to a peer connection.
 
 Timeline (all on the session clock, 16 kHz samples): incoming audio is placed by timestamp
-(:mod:`realtime.audio_in`); the producer feeds it to :class:`realtime.lipsync.StreamingLipSync`
+(:mod:`edtalk_live.realtime.audio_in`); the producer feeds it to :class:`edtalk_live.avatar.lipsync.StreamingLipSync`
 every tick; when no audio arrives, silence is fed a little behind real time so the mouth rests;
 every final mouth frame gets a head pose and an expression and is rendered by the scheduler with
 a deadline at its due time; the video track shows frame ``i`` at ``i/25 + delay``.
@@ -63,7 +63,7 @@ class SessionStats:
     audio_frames: int = 0
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
     av_offset_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
-    #: latencies per :data:`~realtime.metrics.LATENCY_BUCKETS_S` bucket (not cumulative), then +Inf
+    #: latencies per :data:`~edtalk_live.realtime.metrics.LATENCY_BUCKETS_S` bucket (not cumulative), then +Inf
     latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_ms: float = 0.0
     latency_count: int = 0
@@ -334,12 +334,14 @@ class Session:
 
     @property
     def choices(self) -> Choices:
-        """What this session's control messages may choose (for :func:`~realtime.protocol.parse_control`)."""
+        """What this session's control messages may choose (for
+        :func:`~edtalk_live.realtime.protocol.parse_control`)."""
         return Choices(emotions=tuple(sorted(self.presets)), has_clip=self.clip_poses is not None,
                        has_expression=self.expression is not None)
 
     def control(self, msg: ControlMessage) -> dict[str, Any]:
-        """Apply one control message, parsed by :func:`~realtime.protocol.parse_control` with :attr:`choices`;
+        """Apply one control message, parsed by :func:`~edtalk_live.realtime.protocol.parse_control` with
+        :attr:`choices`;
         returns the reply."""
         match msg:
             case Emotion(name=name, intensity=intensity):

@@ -117,7 +117,7 @@ def wav_writer():
 
 @pytest.fixture(scope="session")
 def speech(testdata: Path) -> np.ndarray:
-    """10 s of speech, float32 mono 16 kHz, read with the ``wave`` module (independent of clients.media)."""
+    """10 s of speech, float32 mono 16 kHz, read with the ``wave`` module (independent of edtalk_live.media.io)."""
     with wave.open(str(testdata / "mouth_source.wav"), "rb") as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (SAMPLE_RATE, 1, 2)
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")

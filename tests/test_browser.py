@@ -43,7 +43,8 @@ FRAMES_WANTED = 25              # decoded video frames before the page counts as
 
 
 class ServerThread:
-    """An :class:`~realtime.server.AvatarServer` served on 127.0.0.1:<free port> by its own loop in a thread."""
+    """An :class:`~edtalk_live.realtime.server.AvatarServer` served on 127.0.0.1:<free port> by its own loop in a
+    thread."""
 
     def __init__(self, server):
         self.server = server

@@ -1,6 +1,6 @@
-"""Streaming Audio-to-Motion (realtime.lipsync) against the offline renderer's lip path.
+"""Streaming Audio-to-Motion (edtalk_live.avatar.lipsync) against the offline renderer's lip path.
 
-The offline reference is what ``clients.render._lip_from_audio`` computes:
+The offline reference is what ``edtalk_live.avatar.speech.lips_for_audio`` computes:
 ``smooth(audio_to_lip(mel_windows(melspectrogram(wav), T)))`` on the audio cut to T whole frames.
 """
 

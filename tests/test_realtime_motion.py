@@ -1,4 +1,4 @@
-"""realtime.motion: per-session head pose (still, clip ping-pong, idle) and blended expression state."""
+"""edtalk_live.avatar.motion: per-session head pose (still, clip ping-pong, idle) and blended expression state."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Three layers of tests:
 
 * pure logic (everywhere): engine keys, options, profile shapes, error messages;
 * the build/cache/runner control flow against a small fake ``tensorrt`` module that implements the
-  calls :mod:`engines.trt_build` and :mod:`engines.tensorrt_backend` make (everywhere; it checks our
+  calls :mod:`edtalk_live.engines.trt_build` and :mod:`edtalk_live.engines.tensorrt_backend` make (everywhere; it
+  checks our
   side of the API, not TensorRT);
 * the real thing (``-m "tensorrt and gpu"``): engines built from the exported fixture graphs, the
   engine cache, and parity with ``EDTalkModel.render``. Skipped with a reason when ``tensorrt`` is
