@@ -131,6 +131,7 @@ class Session:
         self.paste = paste                 # uint8 [B,S,S,3] -> uint8 [B,H,W,3] (paste-back), or None
         idle = assets.idle_frame if paste is None else paste(assets.idle_frame[None])[0]
         self.idle_frame = idle
+        self._probe_last = idle            # the last rendered image (probe mode's stand-in for a late frame)
         self.video = AvatarVideoTrack(self.clock, self._frame_for, idle, on_index=self._sent)
         self.voice = DelayedVoiceTrack(self.clock, self._voice_for)
 
@@ -305,7 +306,14 @@ class Session:
             del self.frames[k]
             self.stats.frames_dropped += 1
             self.stats.frames_late += 1
-        if self.options.probe and image is not None:     # a frame not ready is repeated (and counted) as usual
+        if self.options.probe:
+            # every frame carries its own index, also the stand-in for one not ready in time (the previous
+            # image, counted as repeated), so a client measures the pipeline's timing frame by frame
+            if image is None:
+                self.video.stats.repeated += 1
+                image = self._probe_last
+            else:
+                self._probe_last = image
             image = paint_index(image, index)
         return image
 
