@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (8080)")
     serve.add_argument("--max-sessions", type=int, default=8, metavar="N", help="session limit; then 503 (8)")
     serve.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
+    serve.add_argument("--render-threads", type=int, default=1, metavar="N",
+                       help="CPU threads of the renderer (1: the other cores go to the sessions' media)")
     serve.add_argument("--render-budget", type=float, default=0.1, metavar="S",
                        help="seconds of output delay reserved for rendering, on top of the lip-sync look-ahead (0.1)")
     serve.add_argument("--inactivity-timeout", type=float, default=10.0, metavar="S",

@@ -53,7 +53,8 @@ class OnnxRuntimeRenderer(Renderer):
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 spin: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -66,6 +67,9 @@ class OnnxRuntimeRenderer(Renderer):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads or os.environ.get("EDTALK_ORT_THREADS"):
             opts.intra_op_num_threads = int(threads or os.environ["EDTALK_ORT_THREADS"])
+        if not spin:        # a server's renderer waits between small calls: idle threads must sleep, not spin
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self._opts = opts
         self._sessions: dict[str, object] = {}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 import edtalk_live.edtalk as edtalk
 import edtalk_live.engines as engines
 from edtalk_live.avatar.driving import read_clip_motion
@@ -28,10 +30,16 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
     shipped with the package is used. Avatars are prepared by the same code as ``render``'s
     (:mod:`edtalk_live.avatar.prepare`), with the same defaults.
     """
+    settings = settings or ServerSettings()
     weights = find_weights(weights_dir)
     weights.require_audio2lip()
     model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip)
-    renderer = engines.create_renderer(backend, model=model, device=device)
+    options = {}
+    if backend == "onnxruntime":
+        options = {"threads": settings.render_threads, "spin": False}
+    elif backend == "torch":
+        torch.set_num_threads(settings.render_threads)       # process-wide: the server process renders only
+    renderer = engines.create_renderer(backend, model=model, device=device, **options)
     logger.info("backend: %s", renderer.describe())
     clip = read_clip_motion(renderer, pose_video, align).pose if pose_video else None
     store = AvatarStore(renderer, model.weights_id, engines.cache_dir() if cache else None, align=align, face=face)
@@ -45,7 +53,7 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
         path = Path(avatar) if avatar is not None else default_avatar()
         prepared = {path.stem: store.prepare(path, keep_photo=True)}
     presets = {n: load_preset(p) for n, p in sorted(weights.presets.items())} if model.has_expression else {}
-    return AvatarServer(renderer, prepared, presets, settings or ServerSettings(), clip_poses=clip)
+    return AvatarServer(renderer, prepared, presets, settings, clip_poses=clip)
 
 
 def serve(args) -> int:
@@ -68,7 +76,8 @@ def serve(args) -> int:
         ice.append(entry)
     settings = ServerSettings(host=args.host, port=args.port, max_sessions=args.max_sessions, ice_servers=tuple(ice),
                               udp_ports=ports, inactivity_timeout=args.inactivity_timeout,
-                              render_budget=args.render_budget, max_batch=args.max_batch)
+                              render_budget=args.render_budget, max_batch=args.max_batch,
+                              render_threads=args.render_threads)
     server = build_server(args.weights, args.avatar, backend=args.backend, device=args.device,
                           pose_video=args.pose_video, settings=settings, avatars_dir=args.avatars,
                           align=not args.no_align)

@@ -49,6 +49,9 @@ class ServerSettings:
     inactivity_timeout: float = 10.0            # seconds without incoming audio before the session is reclaimed
     connect_timeout: float = 30.0               # seconds for ICE/DTLS to connect
     render_budget: float = 0.1                  # seconds added to the lip-sync look-ahead for rendering
+    #: CPU threads of the renderer (torch intra-op threads, ONNX Runtime's, not spinning): the other cores
+    #: are left to the sessions' media; on a 2-core CPU one render thread is faster than two (measured)
+    render_threads: int = 1
     #: how far behind real time silence replaces audio that has not arrived (must stay below render_budget;
     #: audio arriving later than this is dropped, so it also bounds the network jitter tolerated)
     jitter_margin: float = 0.05
@@ -60,6 +63,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise InputError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.render_threads < 1:
+            raise InputError(f"render_threads must be >= 1, got {self.render_threads}")
         if not 0 <= self.jitter_margin < self.render_budget:
             raise InputError(f"jitter_margin ({self.jitter_margin}) must be >= 0 and below render_budget "
                              f"({self.render_budget})")
