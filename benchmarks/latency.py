@@ -386,7 +386,7 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else None
 
 
-def summarise(level: LevelResult, render_budget_ms: float) -> dict[str, Any]:
+def summarise(level: LevelResult, render_budget_ms: float | None) -> dict[str, Any]:
     """Aggregate one level over its sessions (all frames of all sessions pooled for the percentiles)."""
     ok = [m for m in level.measures if m.ok]
     video = [x for m in ok for x in m.video_latency_ms]
@@ -394,7 +394,16 @@ def summarise(level: LevelResult, render_budget_ms: float) -> dict[str, Any]:
     offset = [x for m in ok for x in m.av_offset_ms]
     delays = [m.delay_ms for m in ok if m.delay_ms is not None]
     delay = float(np.median(delays)) if delays else None
-    lookahead = None if delay is None else delay - render_budget_ms
+    # the server reports its look-ahead and (measured or fixed) render budget per session; older servers
+    # only their delay, from which the budget given on the command line is taken away
+    looks = [m.server["lookahead_ms"] for m in ok if m.server.get("lookahead_ms") is not None]
+    budgets = [m.server["render_budget_ms"] for m in ok if m.server.get("render_budget_ms") is not None]
+    if budgets:
+        render_budget_ms = float(np.median(budgets))
+    if looks:
+        lookahead = float(np.median(looks))
+    else:
+        lookahead = None if delay is None or render_budget_ms is None else delay - render_budget_ms
     # the video latency is measured from the end of a frame's audio; the look-ahead from its start
     needed = None if lookahead is None else lookahead - FRAME_MS
     p95 = _pct(video, 95)
@@ -534,7 +543,7 @@ class ServerInfo:
     where: str                     # "in this process", "child process", or the URL given
     backend: str = "?"
     model: str = "?"
-    render_budget_ms: float = 100.0
+    render_budget_ms: float | None = None        # None: measured by the server
     spy: _AnchorSpy | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -571,7 +580,7 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
     polling = asyncio.create_task(spy.poll(), name="latency-anchor-spy")
     try:
         yield ServerInfo(f"http://127.0.0.1:{port}", "in this process", server.renderer.describe(),
-                         _describe_config(cfg, model_note), args.render_budget * 1000, spy)
+                         _describe_config(cfg, model_note), _budget_ms(args), spy)
     finally:
         polling.cancel()
         await asyncio.gather(polling, return_exceptions=True)
@@ -584,7 +593,7 @@ async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, m
     cmd = [sys.executable, "-m", "edtalk_live.clients.cli", "-v",
            "serve", "--weights", str(weights), "--avatar", str(avatar), "--port", str(port),
            "--backend", args.backend, "--max-sessions", str(max(args.sessions)), "--max-batch", str(args.max_batch),
-           "--render-budget", str(args.render_budget)]
+           *(["--render-budget", str(args.render_budget)] if args.render_budget is not None else [])]
     if args.device:
         cmd += ["--device", args.device]
     if _no_alignment():
@@ -607,7 +616,7 @@ async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, m
                 raise RuntimeError(f"the server process did not answer on {url} within 600 s (log: {log_path})")
             await asyncio.sleep(0.5)
         yield ServerInfo(url, f"child process (pid {proc.pid})", health.get("backend", "?"),
-                         f"{config.get('family')}, {config.get('size')}² ({model_note})", args.render_budget * 1000)
+                         f"{config.get('family')}, {config.get('size')}² ({model_note})", _budget_ms(args))
     finally:
         proc.terminate()
         try:
@@ -628,7 +637,7 @@ async def _remote_server(args: argparse.Namespace):
     if health.get("max_sessions", 0) < max(args.sessions):
         logger.warning("the server allows %s sessions; levels above that will be refused", health.get("max_sessions"))
     yield ServerInfo(url, url, health.get("backend", "?"), f"{config.get('family')}, {config.get('size')}²",
-                     args.render_budget * 1000)
+                     _budget_ms(args))
 
 
 def _describe_config(cfg, note: str) -> str:
@@ -645,7 +654,8 @@ def _f(x: float | None, digits: int = 0) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["sessions", "video latency p50 (ms)", "video latency p95 (ms)", "server delay (ms)", "look-ahead (ms)",
-            "unavoidable (ms)", "added p95 (ms)", "voice latency p50 (ms)", "audio in (ms)", "A/V offset p50 (ms)",
+            "render budget (ms)", "unavoidable (ms)", "added p95 (ms)", "voice latency p50 (ms)", "audio in (ms)",
+            "A/V offset p50 (ms)",
             "max \\|A/V\\| (ms)", "fps received (mean / min)", "frames measured", "frames lost", "server p95 (ms)",
             "dropped / repeated / skipped", "renderer kept up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * (len(head) - 1) + ["---"]) + "|"]
@@ -656,7 +666,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lost = str(r["frames_lost"]) + (f" (+{r['bad_index']} unreadable)" if r["bad_index"] else "")
         lines.append("| " + " | ".join([
             n, _f(r["video_latency_ms_p50"]), _f(r["video_latency_ms_p95"]), _f(r["delay_ms"]), _f(r["lookahead_ms"]),
-            _f(r["unavoidable_ms"]), _f(r["added_ms_p95"]), _f(r["voice_latency_ms_p50"]), _f(r["audio_in_ms_p50"]),
+            _f(r["render_budget_ms"]), _f(r["unavoidable_ms"]), _f(r["added_ms_p95"]), _f(r["voice_latency_ms_p50"]),
+            _f(r["audio_in_ms_p50"]),
             _f(r["av_offset_ms_p50"]), _f(r["av_offset_ms_max_abs"]), fps,
             f"{100 * r['frames_measured']:.0f} %", lost, _f(r["server_latency_ms_p95_max"]),
             f"{r['frames_dropped']} / {r['frames_repeated']} / {r['frames_skipped']}", kept]) + " |")
@@ -666,10 +677,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 LEGEND = """\
 - video latency: a frame's arrival at the client minus the moment the last audio sample it shows was sent \
 (frames pooled over all sessions of the level).
-- server delay: the server's fixed output delay (`delay_ms`: lip-sync look-ahead + render budget); \
-look-ahead (`delay_ms` − render budget): how far past the *first* sample of a frame's audio the mouth's audio \
-window reaches; unavoidable: the same counted from the frame's *last* sample, as the video latency is \
-(look-ahead − 40 ms): the audio window the mouth needs, which no implementation avoids.
+- server delay: the server's output delay of a session (`delay_ms`: lip-sync look-ahead + render budget); \
+look-ahead: how far past the *first* sample of a frame's audio the mouth's audio window reaches; render budget: \
+the time the server gives a frame after its audio is complete (measured by the server from the frames it \
+rendered, unless fixed with --render-budget); unavoidable: the same counted from the frame's *last* sample, \
+as the video latency is (look-ahead − 40 ms): the audio window the mouth needs, which no implementation avoids.
 - added p95: video latency p95 − unavoidable, i.e. everything beyond the audio window the mouth needs: the \
 render budget, VP8 encode/decode, Opus, transport, aiortc's jitter buffers (both directions), event-loop delays. \
 Target: ≤ {target:.0f} ms at 25 fps with the renderer keeping up.
@@ -709,7 +721,8 @@ def report(rows: Sequence[dict[str, Any]], info: ServerInfo, args: argparse.Name
         f"Machine: {machine}; load average {load_start or '?'} at the start, {_load() or '?'} at the end",
         "",
         f"Server: {info.where}; backend {info.backend}; model {info.model}; render budget "
-        f"{info.render_budget_ms:.0f} ms" + ("; low-latency lip sync" if args.low_latency else ""),
+        + (f"{info.render_budget_ms:.0f} ms" if info.render_budget_ms is not None else "measured by the server")
+        + ("; low-latency lip sync" if args.low_latency else ""),
         "",
         f"Clients: aiortc in this process, {args.seconds:g} s of {audio_note} per session, probe mode; {date}",
         "",
@@ -757,8 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
                      help="renderer of a started server (torch)")
     src.add_argument("--device", default=None, help="torch device of a started server (default: cuda if available)")
-    src.add_argument("--render-budget", type=float, default=0.1, metavar="S",
-                     help="the server's render budget in seconds (0.1; give the running server's with --server)")
+    src.add_argument("--render-budget", type=float, default=None, metavar="S",
+                     help="a fixed render budget for a started server, seconds (default: the server measures it)")
     src.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
     p.add_argument("--sessions", type=_sessions, default=[1, 4, 16], help="concurrency levels (1,4,16)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio sent per session, seconds (10)")
@@ -768,6 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the test audio (0)")
     p.add_argument("--json", metavar="OUT", help="also write every measurement here")
     return p
+
+
+def _budget_ms(args: argparse.Namespace) -> float | None:
+    return None if args.render_budget is None else args.render_budget * 1000
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -781,7 +798,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.random = "test"
     if args.seconds <= 0.5:
         p.error(f"--seconds must be above 0.5, got {args.seconds:g}")
-    if not 0 < args.render_budget < 2:
+    if args.render_budget is not None and not 0 < args.render_budget < 2:
         p.error(f"--render-budget must be between 0 and 2 seconds, got {args.render_budget:g}")
 
 

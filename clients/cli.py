@@ -128,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
     serve.add_argument("--render-threads", type=int, default=1, metavar="N",
                        help="CPU threads of the renderer (1: the other cores go to the sessions' media)")
-    serve.add_argument("--render-budget", type=float, default=0.1, metavar="S",
-                       help="seconds of output delay reserved for rendering, on top of the lip-sync look-ahead (0.1)")
+    serve.add_argument("--render-budget", type=float, default=None, metavar="S",
+                       help="seconds of output delay reserved for rendering, on top of the lip-sync look-ahead "
+                       "(default: measured from the frames rendered so far, 0.1 until then)")
+    serve.add_argument("--audio-prefetch", type=int, default=1, metavar="N",
+                       help="audio frames (20 ms) the WebRTC receiver holds before use (1; aiortc's own default: 4)")
     serve.add_argument("--inactivity-timeout", type=float, default=10.0, metavar="S",
                        help="reclaim a session after this many seconds without incoming audio (10)")
     serve.add_argument("--ice-server", action="append", metavar="URL",

@@ -77,7 +77,7 @@ def serve(args) -> int:
     settings = ServerSettings(host=args.host, port=args.port, max_sessions=args.max_sessions, ice_servers=tuple(ice),
                               udp_ports=ports, inactivity_timeout=args.inactivity_timeout,
                               render_budget=args.render_budget, max_batch=args.max_batch,
-                              render_threads=args.render_threads)
+                              render_threads=args.render_threads, audio_prefetch=args.audio_prefetch)
     server = build_server(args.weights, args.avatar, backend=args.backend, device=args.device,
                           pose_video=args.pose_video, settings=settings, avatars_dir=args.avatars,
                           align=not args.no_align)

@@ -25,6 +25,7 @@ from aiohttp import web
 from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
+from edtalk_live.realtime.budget import RenderBudget
 from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.metrics import ServerMetrics, SessionCounts
 from edtalk_live.realtime.protocol import POSE_MODES, SessionOptions, parse_control
@@ -48,7 +49,11 @@ class ServerSettings:
     udp_ports: tuple[int, int] | None = None    # restrict ICE host candidates to this port range
     inactivity_timeout: float = 10.0            # seconds without incoming audio before the session is reclaimed
     connect_timeout: float = 30.0               # seconds for ICE/DTLS to connect
-    render_budget: float = 0.1                  # seconds added to the lip-sync look-ahead for rendering
+    #: seconds added to the lip-sync look-ahead for rendering; None: measured (:mod:`edtalk_live.realtime.budget`)
+    render_budget: float | None = None
+    #: audio frames aiortc's receiver holds before handing one over (its default, 4, adds 80 ms; audio is
+    #: placed by its timestamps here, so reordering needs no buffer; late packets become silence)
+    audio_prefetch: int = 1
     #: CPU threads of the renderer (torch intra-op threads, ONNX Runtime's, not spinning): the other cores
     #: are left to the sessions' media; on a 2-core CPU one render thread is faster than two (measured)
     render_threads: int = 1
@@ -65,7 +70,9 @@ class ServerSettings:
             raise InputError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.render_threads < 1:
             raise InputError(f"render_threads must be >= 1, got {self.render_threads}")
-        if not 0 <= self.jitter_margin < self.render_budget:
+        if self.audio_prefetch < 0:
+            raise InputError(f"audio_prefetch must be >= 0, got {self.audio_prefetch}")
+        if self.render_budget is not None and not 0 <= self.jitter_margin < self.render_budget:
             raise InputError(f"jitter_margin ({self.jitter_margin}) must be >= 0 and below render_budget "
                              f"({self.render_budget})")
         if self.udp_ports is not None:
@@ -120,6 +127,8 @@ class AvatarServer:
         self.avatars = avatars
         self.presets = presets if renderer.config.has_expression else {}
         self.clip_poses = clip_poses            # [N,6] head poses of the server's pose clip (pose mode "clip")
+        # measured render budget: never below what the silence fill behind real time needs
+        self.budget = RenderBudget(floor=settings.jitter_margin + 0.02)
         self.settings = settings = settings or ServerSettings()
         self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
         self.lip_batcher = LipBatcher(renderer.audio_to_lip, self.scheduler.run)
@@ -224,8 +233,9 @@ class AvatarServer:
         sid = uuid.uuid4().hex
         paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
-                          render_budget=self.settings.render_budget, jitter_margin=self.settings.jitter_margin,
-                          paste=paste, lip_batcher=self.lip_batcher, clip_poses=self.clip_poses)
+                          render_budget=self.render_budget(), jitter_margin=self.settings.jitter_margin,
+                          paste=paste, lip_batcher=self.lip_batcher, clip_poses=self.clip_poses,
+                          on_lag=self.budget.report)
         peer = _Peer(session, pc)
         self.peers[sid] = peer
         self.prometheus.sessions_started.inc()
@@ -234,6 +244,7 @@ class AvatarServer:
             @pc.on("track")
             def on_track(track):
                 if track.kind == "audio":
+                    self._shorten_audio_buffer(pc, track)
                     session.consume(track)
 
             @pc.on("datachannel")
@@ -266,10 +277,36 @@ class AvatarServer:
             logger.info("session %s: started (avatar %s, emotion %s, pose %s)", sid[:8], options.avatar,
                         options.emotion, options.pose)
             return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid,
-                    "delay_ms": round(session.delay * 1000, 1)}
+                    "delay_ms": round(session.delay * 1000, 1),
+                    "lookahead_ms": round(session.lips.latency_s * 1000, 1),
+                    "render_budget_ms": round(session.render_budget * 1000, 1)}
         finally:
             if not ok:
                 await self.close_peer(sid, "setup failed")
+
+    def render_budget(self) -> float:
+        """The render budget of a session starting now: the fixed one, or the measured one."""
+        fixed = self.settings.render_budget
+        return fixed if fixed is not None else self.budget.current()
+
+    def _shorten_audio_buffer(self, pc, track) -> None:
+        """Give the peer's audio receiver a jitter buffer of ``audio_prefetch`` frames instead of aiortc's 4.
+
+        aiortc has no setting for it: the buffer is a private attribute of ``RTCRtpReceiver``, set here
+        before any packet arrives (checked by tests/test_server_e2e.py's latency test); when a future
+        aiortc renames it, this logs a warning and the default stays.
+        """
+        from aiortc.jitterbuffer import JitterBuffer
+
+        for transceiver in pc.getTransceivers():
+            receiver = transceiver.receiver
+            if receiver is not None and receiver.track is track:
+                if hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+                    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16,
+                                                                           prefetch=self.settings.audio_prefetch)
+                else:
+                    logger.warning("aiortc's audio jitter buffer not found: its default (80 ms) stays")
+                return
 
     def _paste_back(self, name: str):
         """The avatar's paste-back (built once per avatar, on the renderer's device), as ``render``'s."""

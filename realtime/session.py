@@ -92,7 +92,8 @@ class Session:
                  options: SessionOptions, presets: dict[str, torch.Tensor], render_budget: float = 0.1,
                  jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
                  silence_db: float | None = SILENCE_DB, paste: Callable[[np.ndarray], np.ndarray] | None = None,
-                 lip_batcher: LipBatcher | None = None, clip_poses: torch.Tensor | None = None):
+                 lip_batcher: LipBatcher | None = None, clip_poses: torch.Tensor | None = None,
+                 on_lag: Callable[[float], None] | None = None):
         self.id = sid
         self.renderer = renderer
         self.scheduler = scheduler
@@ -104,7 +105,9 @@ class Session:
         self.lip_batcher = lip_batcher     # shared by all sessions: one Audio2Lip call per tick for everyone
         self._lip_hook = lip_batcher.hook() if lip_batcher is not None else None
         self.lips = StreamingLipSync(self._lip_hook or renderer.audio_to_lip, lip_cfg, rest_lip=assets.rest_lip)
+        self.render_budget = render_budget
         self.delay = self.lips.latency_s + render_budget
+        self.on_lag = on_lag               # each rendered frame's lag (see realtime.budget), or None
         self.jitter_margin = jitter_margin
         self.clock = SessionClock(self.delay, time_fn=time_fn)
         self.audio = AudioInput(grid=SAMPLES_PER_FRAME)   # speech starts on a frame boundary
@@ -298,6 +301,8 @@ class Session:
             return
         self.frames[f.index] = image
         self.stats.frames_rendered += 1
+        if self.on_lag is not None:        # ready this long after its audio window was complete
+            self.on_lag(self.clock.now() - (self.clock.video_due(f.index) - self.render_budget))
 
     # ------------------------------------------------------------ track sources
     def _frame_for(self, index: int) -> np.ndarray | None:
@@ -389,6 +394,8 @@ class Session:
             "avatar": self.assets.name,
             "uptime_s": round(self.clock.now(), 3),
             "delay_ms": round(self.delay * 1000, 1),
+            "lookahead_ms": round(self.lips.latency_s * 1000, 1),
+            "render_budget_ms": round(self.render_budget * 1000, 1),
             "frames_sent": v.sent,
             "frames_rendered": self.stats.frames_rendered,
             "frames_repeated": v.repeated,
