@@ -21,47 +21,51 @@ __all__ = ["RenderBudget"]
 
 
 class RenderBudget:
-    """A server-wide estimate of the render budget (seconds) from the lags of recent frames.
+    """A server-wide estimate of the render budget (seconds) from the lags of recent frames, per load.
 
-    ``initial`` applies until ``warmup`` frames were reported; then the budget is
-    ``quantile`` of the last ``window`` lags times ``margin`` plus ``slack``, bounded to
-    ``[floor, ceiling]``. Thread-safe (frames report from the event loop; readers may be anywhere).
+    Lags are kept per load (the number of live sessions when the frame was rendered), the last
+    ``window`` of each. A session starting at load ``n`` gets ``quantile`` of the lags seen at load
+    ``n`` or more, times ``margin`` plus ``slack``, bounded to ``[floor, ceiling]``; while fewer than
+    ``warmup`` such frames were seen (a load the server has not run at yet), ``initial``. So a budget
+    measured with one session is never given to the second one. Thread-safe.
     """
 
     def __init__(self, initial: float = 0.1, floor: float = 0.03, ceiling: float = 1.0, window: int = 1000,
-                 warmup: int = 100, quantile: float = 99.0, margin: float = 1.2, slack: float = 0.01):
+                 warmup: int = 100, quantile: float = 99.0, margin: float = 1.1, slack: float = 0.01):
         if not 0 < floor <= ceiling:
             raise ValueError(f"need 0 < floor <= ceiling, got {floor}, {ceiling}")
         self.initial = float(initial)
         self.floor = float(floor)
         self.ceiling = float(ceiling)
+        self.window = int(window)
         self.warmup = int(warmup)
         self.quantile = float(quantile)
         self.margin = float(margin)
         self.slack = float(slack)
-        self._lags: collections.deque[float] = collections.deque(maxlen=window)
-        self._seen = 0
+        self._lags: dict[int, collections.deque[float]] = {}
         self._lock = threading.Lock()
 
-    def report(self, lag: float) -> None:
-        """One frame was ready ``lag`` seconds after its audio was complete."""
+    def report(self, lag: float, load: int = 1) -> None:
+        """One frame was ready ``lag`` seconds after its audio was complete, with ``load`` sessions live."""
         with self._lock:
-            self._lags.append(float(lag))
-            self._seen += 1
+            self._lags.setdefault(max(int(load), 1), collections.deque(maxlen=self.window)).append(float(lag))
 
-    @property
-    def measured(self) -> bool:
-        """True once enough frames were seen for the budget to come from them."""
-        return self._seen >= self.warmup
-
-    def lag_quantile(self, q: float | None = None) -> float | None:
+    def _at(self, load: int) -> np.ndarray:
         with self._lock:
-            lags = np.asarray(self._lags)
+            return np.concatenate([np.asarray(d) for n, d in self._lags.items() if n >= load] or [np.zeros(0)])
+
+    def measured(self, load: int = 1) -> bool:
+        """True once enough frames were seen at ``load`` sessions or more for the budget to come from them."""
+        return len(self._at(load)) >= self.warmup
+
+    def lag_quantile(self, load: int = 1, q: float | None = None) -> float | None:
+        lags = self._at(load)
         return float(np.percentile(lags, self.quantile if q is None else q)) if len(lags) else None
 
-    def current(self) -> float:
-        """The budget a session starting now gets (seconds)."""
-        if not self.measured:
+    def current(self, load: int = 1) -> float:
+        """The budget of a session that makes the load ``load`` sessions (seconds)."""
+        lags = self._at(load)
+        if len(lags) < self.warmup:
             return min(max(self.initial, self.floor), self.ceiling)
-        lag = self.lag_quantile()
+        lag = float(np.percentile(lags, self.quantile))
         return min(max(lag * self.margin + self.slack, self.floor), self.ceiling)

@@ -59,7 +59,7 @@ class ServerSettings:
     render_threads: int = 1
     #: how far behind real time silence replaces audio that has not arrived (must stay below render_budget;
     #: audio arriving later than this is dropped, so it also bounds the network jitter tolerated)
-    jitter_margin: float = 0.05
+    jitter_margin: float = 0.03
     max_batch: int = 16
     max_wait_ms: float = 4.0
     max_offer_bytes: int = 64 * 1024
@@ -235,7 +235,7 @@ class AvatarServer:
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
                           render_budget=self.render_budget(), jitter_margin=self.settings.jitter_margin,
                           paste=paste, lip_batcher=self.lip_batcher, clip_poses=self.clip_poses,
-                          on_lag=self.budget.report)
+                          on_lag=lambda lag: self.budget.report(lag, load=len(self.peers)))
         peer = _Peer(session, pc)
         self.peers[sid] = peer
         self.prometheus.sessions_started.inc()
@@ -287,7 +287,7 @@ class AvatarServer:
     def render_budget(self) -> float:
         """The render budget of a session starting now: the fixed one, or the measured one."""
         fixed = self.settings.render_budget
-        return fixed if fixed is not None else self.budget.current()
+        return fixed if fixed is not None else self.budget.current(load=len(self.peers) + 1)
 
     def _shorten_audio_buffer(self, pc, track) -> None:
         """Give the peer's audio receiver a jitter buffer of ``audio_prefetch`` frames instead of aiortc's 4.

@@ -90,7 +90,7 @@ class Session:
 
     def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: PreparedAvatar,
                  options: SessionOptions, presets: dict[str, torch.Tensor], render_budget: float = 0.1,
-                 jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
+                 jitter_margin: float = 0.03, time_fn: Callable[[], float] | None = None,
                  silence_db: float | None = SILENCE_DB, paste: Callable[[np.ndarray], np.ndarray] | None = None,
                  lip_batcher: LipBatcher | None = None, clip_poses: torch.Tensor | None = None,
                  on_lag: Callable[[float], None] | None = None):
@@ -238,7 +238,10 @@ class Session:
                 self._fed = max(self.lips.position, 0)
             now_pos = int(self.clock.now() * RATE)
             # no audio arriving (not started, muted, lost): silence, a little behind real time
-            self.audio.fill_silence_until(now_pos - int(self.jitter_margin * RATE))
+            fill_to = now_pos - int(self.jitter_margin * RATE)
+            if not self.audio.anchored:        # up to a frame boundary: the first speech can start on the next one
+                fill_to -= fill_to % SAMPLES_PER_FRAME
+            self.audio.fill_silence_until(fill_to)
             restart = []
             anchor = self.audio.anchor_pos
             if anchor is not None and not self._speech_started:
