@@ -215,7 +215,7 @@ def _phase_psnr(spec: dict[str, Any], rec: _Recorder) -> None:
     rec.data.update(
         frames=n, size=cfg.size, config=spec["config"], fp16=label16, fp32=label32,
         psnr_db=psnr(clamp(raw16), clamp(raw32), 2.0), psnr_min_frame_db=min(per_frame),
-        psnr_uint8_db=psnr(u8_16, u8_32, 255.0),
+        psnr_uint8_db=psnr(u8_16, u8_32, 255.0), seed=spec["seed"],
         max_abs_diff=float(np.abs(raw16.astype(np.float64) - raw32).max()),
         uint8_max_diff=int(np.abs(u8_16.astype(np.int16) - u8_32.astype(np.int16)).max()),
         raw_range=[float(raw32.min()), float(raw32.max())])
@@ -362,6 +362,20 @@ def _time_cells(name: str, device: str, renderer: Any, avatar: Any, inputs: Any,
 # ------------------------------------------------------------------------------------------------ live
 
 
+def usable_cpus() -> tuple[int, float | None]:
+    """CPUs this process may run on (its affinity), and the cgroup's CPU quota in cores (None: no quota)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if limit != "max":
+            quota = int(limit) / int(period)
+    return n, quota
+
+
 def _proc_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of process ``pid`` (all its threads), from /proc; None where unreadable."""
     try:
@@ -373,10 +387,13 @@ def _proc_cpu_seconds(pid: int) -> float | None:
 
 
 def _client_worker_init() -> None:
+    """Import the client stack once per worker, before any clock starts (never raises: a Pool whose initializer
+    fails respawns its workers forever; the level then reports the import error)."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s client: %(message)s",
                         datefmt="%H:%M:%S")
-    import edtalk_live.realtime.client  # noqa: F401 - imported once per worker, before the clock starts
-    import edtalk_live.realtime.session  # noqa: F401
+    with contextlib.suppress(Exception):
+        import edtalk_live.realtime.client  # noqa: F401
+        import edtalk_live.realtime.session  # noqa: F401
 
 
 def _client_chunk(url: str, n: int, audio: np.ndarray, options: dict[str, Any], connect_timeout: float):
@@ -490,7 +507,17 @@ async def _live(spec: dict[str, Any], rec: _Recorder) -> None:
     most = max(sessions)
     work = Path(spec["workdir"]) / "live"
     rec.data.update(config=spec["config"], device=device, seconds=spec["seconds"], rows=[])
-    workers = max(1, min(math.ceil(most / CLIENTS_PER_WORKER), (os.cpu_count() or 2) - 2))
+    # the live stack must import here first: a clear error now rather than client processes failing one by one
+    import aiohttp  # noqa: F401
+    import aiortc  # noqa: F401
+    import av  # noqa: F401
+
+    import edtalk_live.realtime.client  # noqa: F401
+    import edtalk_live.realtime.serve  # noqa: F401
+
+    cpus, quota = usable_cpus()
+    cpus = min(cpus, math.floor(quota)) if quota else cpus
+    workers = max(1, min(math.ceil(most / CLIENTS_PER_WORKER), cpus - 2))
     rec.data["client_processes"] = workers
     logger.info("live: starting %d client process(es)", workers)
     clients = _Clients(workers)
@@ -582,6 +609,15 @@ PHASE_FUNCS: dict[str, Callable[[dict[str, Any], _Recorder], None]] = {
     "psnr": _phase_psnr, "fps": _phase_fps, "live": _phase_live}
 
 
+def _one_line(text: str, limit: int = 600) -> str:
+    """An error for one line of the report: its first line, and its last three (e.g. a server log's tail)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 4:
+        lines = [lines[0], "…", *lines[-3:]]
+    out = " / ".join(lines)
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
 def _inject_fault(name: str, rec: _Recorder) -> None:
     faults = dict(f.split("=", 1) for f in os.environ.get(FAULT_ENV, "").split(",") if "=" in f)
     if faults.get(name) == "raise":
@@ -607,7 +643,7 @@ def _phase_main(name: str, spec_path: str) -> int:
         _inject_fault(name, rec)
         PHASE_FUNCS[name](spec, rec)
     except BaseException as e:
-        rec.data["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+        rec.data["error"] = _one_line(f"{type(e).__name__}: {e}")
         rec.save()
         logger.exception("%s: failed", name)
         return 1
@@ -699,7 +735,7 @@ def run_phase(name: str, spec: dict[str, Any], limit: float, workdir: Path, env:
             else:
                 run.status = "failed"
                 last = [ln for ln in tail if ln.strip()][-3:]
-                run.error = run.data.get("error") or f"exit status {rc}: " + " / ".join(last)[-400:]
+                run.error = run.data.get("error") or _one_line(f"exit status {rc}:\n" + "\n".join(last))
         logger.info("phase %s: %s in %.0f s%s", name, run.status, run.seconds, f" ({run.error})" if run.error else "")
     return run
 
@@ -738,6 +774,7 @@ def machine_info(profile: Profile) -> dict[str, Any]:
                             "torch": torch.__version__, "torch_cuda": torch.version.cuda or "none (CPU build)",
                             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                             "cpu_count": os.cpu_count(), "load": m.get("load", "")}
+    info["usable_cpus"], info["cpu_quota"] = usable_cpus()
     smi = _run_text(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
     if smi:
         first = [x.strip() for x in smi.splitlines()[0].split(",")]
@@ -786,6 +823,11 @@ def _num(x: float | None, digits: int | None = None) -> str:
     return f"{x:.3f}"
 
 
+def _esc(text: object) -> str:
+    """Text for a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("**PASS**" if ok else "**FAIL**")
 
@@ -821,7 +863,7 @@ def _fps_table(cells: Sequence[Any], device: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for c in cells:
         if not c.ok:
-            lines.append(f"| {c.backend} | {c.batch} | {c.error} |" + " |" * (len(head) - 3))
+            lines.append(f"| {c.backend} | {c.batch} | {_esc(c.error)} |" + " |" * (len(head) - 3))
             continue
         b = base.get(c.batch)
         ratio = f"{c.fps / b.fps:.2f}×" if b else "—"
@@ -843,7 +885,7 @@ def _live_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * (len(head) - 1) + "---|"]
     for r in rows:
         if "video_latency_ms_p50" not in r:
-            lines.append(f"| {r['sessions']} | failed: {r.get('error', '?')} |" + " |" * (len(head) - 2))
+            lines.append(f"| {r['sessions']} | failed: {_esc(r.get('error', '?'))} |" + " |" * (len(head) - 2))
             continue
         n = str(r["sessions"]) if r["sessions_ok"] == r["sessions"] else f"{r['sessions']} ({r['sessions_ok']} ok)"
         fps = "—" if r["fps_mean"] is None else f"{r['fps_mean']:.1f} / {r['fps_min']:.1f}"
@@ -888,7 +930,10 @@ def report(profile: Profile, runs: dict[str, PhaseRun], machine: dict[str, Any],
               "`edtalk-live build` and `python -m benchmarks.fps --backends tensorrt` measure it where it is "
               "installed)",
               f"- live server stack: {machine.get('live_stack', '?')}",
-              f"- CPU: {machine['cpu']}, {machine['memory']} RAM; "
+              f"- CPU: {machine['cpu']}, {machine['memory']} RAM"
+              + (f" ({machine['usable_cpus']} usable by this process)" if machine.get("usable_cpus") not in
+                 (None, machine.get("cpu_count")) else "")
+              + (f"; cgroup CPU quota {machine['cpu_quota']:g} cores" if machine.get("cpu_quota") else "") + "; "
               f"load average {machine.get('load') or '?'} at the start",
               f"- command: `{command}`",
               f"- started {started}; took {wall_s:.0f} s; profile `{profile.name}` (model config `{profile.config}`, "
@@ -897,7 +942,7 @@ def report(profile: Profile, runs: dict[str, PhaseRun], machine: dict[str, Any],
     for name in PHASES:
         r = runs.get(name)
         if r is not None:
-            lines.append(f"| {name} ({PHASE_TITLES[name]}) | {r.status}{': ' + r.error if r.error else ''} | "
+            lines.append(f"| {name} ({PHASE_TITLES[name]}) | {r.status}{': ' + _esc(r.error) if r.error else ''} | "
                          f"{r.seconds:.0f} | {r.limit_s:.0f} |")
     lines.append("")
 
@@ -915,7 +960,9 @@ def report(profile: Profile, runs: dict[str, PhaseRun], machine: dict[str, Any],
                   "- uint8 frames as served" + (" (fp16 through the CUDA graph, converted on the device)"
                                                  if profile.device == "cuda" else "") + " against fp32's: "
                   f"{_num(d['psnr_uint8_db'], 1)} dB, largest difference {d['uint8_max_diff']} levels",
-                  f"- fp16: {d['fp16']}; fp32: {d['fp32']}"]
+                  f"- fp16: {d['fp16']}; fp32: {d['fp32']}",
+                  "- weights: seeded random (`benchmarks.fps.build_model`, flow convolutions scaled down like the "
+                  "parity fixtures); the published weights are not on the machine"]
         if "psnr_tf32_db" in d:
             lines.append(f"- for comparison, fp32 with cuDNN's default TF32 convolutions against strict fp32: "
                          f"{_num(d['psnr_tf32_db'], 1)} dB")
