@@ -545,6 +545,7 @@ class ServerInfo:
     model: str = "?"
     render_budget_ms: float | None = None        # None: measured by the server
     spy: _AnchorSpy | None = field(default=None, repr=False)
+    pid: int | None = None         # the server's process id when the benchmark started it in a child process
 
     def to_dict(self) -> dict[str, Any]:
         return {"url": self.url, "where": self.where, "backend": self.backend, "model": self.model,
@@ -616,7 +617,8 @@ async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, m
                 raise RuntimeError(f"the server process did not answer on {url} within 600 s (log: {log_path})")
             await asyncio.sleep(0.5)
         yield ServerInfo(url, f"child process (pid {proc.pid})", health.get("backend", "?"),
-                         f"{config.get('family')}, {config.get('size')}² ({model_note})", _budget_ms(args))
+                         f"{config.get('family')}, {config.get('size')}² ({model_note})", _budget_ms(args),
+                         pid=proc.pid)
     finally:
         proc.terminate()
         try:
