@@ -890,8 +890,8 @@ def _live_table(rows: Sequence[dict[str, Any]]) -> str:
         n = str(r["sessions"]) if r["sessions_ok"] == r["sessions"] else f"{r['sessions']} ({r['sessions_ok']} ok)"
         fps = "—" if r["fps_mean"] is None else f"{r['fps_mean']:.1f} / {r['fps_min']:.1f}"
         lines.append("| " + " | ".join([
-            n, _num(r["video_latency_ms_p50"], 0), _num(r["video_latency_ms_p95"], 0), _num(r.get("render_budget_ms"), 0),
-            _num(r["added_ms_p95"], 0), fps,
+            n, _num(r["video_latency_ms_p50"], 0), _num(r["video_latency_ms_p95"], 0),
+            _num(r.get("render_budget_ms"), 0), _num(r["added_ms_p95"], 0), fps,
             f"{100 * r['late_fraction']:.1f} %",
             f"{r['frames_dropped']} / {r['frames_repeated']} / {r['frames_skipped']}",
             _num(r.get("server_cores"), 2), _num(r.get("cpu_ms_per_session_s"), 0),
