@@ -75,12 +75,12 @@ def test_dry_run_reports_every_section_with_numbers(tmp_path, monkeypatch, capsy
     rows = _table_rows(live)
     assert [r[0] for r in rows] == ["1", "2"], live
     for r in rows:
-        assert all(re.fullmatch(NUMBER, c) for c in r[1:4]), r           # latency p50, p95, added p95
-        assert re.fullmatch(rf"{NUMBER} / {NUMBER}", r[4]), r           # fps received
-        assert re.fullmatch(rf"{NUMBER} %", r[5]), r                    # frames late
-        assert re.fullmatch(r"\d+ / \d+ / \d+", r[6]), r
-        assert re.fullmatch(NUMBER, r[7]) and re.fullmatch(NUMBER, r[8]), r      # server CPU
-        assert r[9] in ("yes", "no"), r
+        assert all(re.fullmatch(NUMBER, c) for c in r[1:5]), r           # latency p50, p95, render budget, added
+        assert re.fullmatch(rf"{NUMBER} / {NUMBER}", r[5]), r           # fps received
+        assert re.fullmatch(rf"{NUMBER} %", r[6]), r                    # frames late
+        assert re.fullmatch(r"\d+ / \d+ / \d+", r[7]), r
+        assert re.fullmatch(NUMBER, r[8]) and re.fullmatch(NUMBER, r[9]), r      # server CPU
+        assert r[10] in ("yes", "no"), r
     assert "extrapolated capacity: about" in live
 
     targets = _section(text, "Targets")
