@@ -19,10 +19,11 @@ so a box serves many sessions with several processes. The design:
   Worker 0 starts first and the others once it is up, so the on-disk caches (avatars, ONNX exports,
   TensorRT engines) are written by one process and read by the rest.
 * **The session limit is the whole server's**: the supervisor answers 503 (the single server's JSON
-  error) when the workers' live sessions plus the offers in flight reach ``--max-sessions``. Live
-  sessions are read from each worker's ``/health`` every second; an offer a worker accepts counts at
-  once. Each worker's own limit is the whole limit too, so the workers that are up can absorb the
-  sessions of one that is down.
+  error) when the workers' live sessions plus the offers in flight reach ``--max-sessions``, or when
+  no worker is up (both counted as ``edtalk_sessions_rejected_total{reason="full"}``). Live sessions
+  are read from each worker's ``/health`` every second (a session that ended frees its place within a
+  second); an offer a worker accepts counts at once. Each worker's own limit is the whole limit too,
+  so the workers that are up can absorb the sessions of one that is down.
 * **A worker that dies is restarted** with a backoff (1 s, doubling to 30 s; back to 1 s once one ran
   a minute); a worker whose event loop stops answering ``/health`` for 15 s is killed and restarted.
   Only its own sessions end. ``/health`` says ``degraded`` (503) while a worker is not up. Counters
@@ -247,6 +248,9 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - a supervisor bug must not leave the slot empty for good
                 logger.exception("worker %d: supervising failed", w.index)
                 why = "supervisor error"
+                if w.process is not None and w.process.pid is not None and w.process.exitcode is None:
+                    w.process.kill()            # never two processes for one slot
+                    w.process.join()
             if self._stop.is_set():
                 return
             if not w.ever_up:
@@ -357,7 +361,8 @@ class Supervisor:
 
         Each keeper returns once its process has ended and been reaped (the stop flag is set).
         """
-        alive = [w.process for w in self.workers if w.process is not None and w.process.exitcode is None]
+        alive = [w.process for w in self.workers
+                 if w.process is not None and w.process.pid is not None and w.process.exitcode is None]
         for p in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGTERM)
@@ -500,4 +505,18 @@ async def _readable(fd: int) -> None:
 def supervise(args, workers: int) -> int:
     """``serve --workers N`` with N > 1: run the supervisor until SIGINT or SIGTERM; returns the exit code."""
     level = logging.getLogger().getEffectiveLevel()
-    return asyncio.run(Supervisor(args, workers, level).run())
+    try:
+        return asyncio.run(Supervisor(args, workers, level).run())
+    finally:
+        _stop_resource_tracker()
+
+
+def _stop_resource_tracker() -> None:
+    """Stop and reap multiprocessing's resource tracker (``spawn`` starts one; it would otherwise exit a moment
+    after the supervisor, on its own), so that no process of the server outlives the supervisor."""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)    # CPython 3.8+, not public
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()

@@ -271,8 +271,32 @@ def test_two_workers_share_sessions_survive_a_killed_worker_and_stop_cleanly(tmp
         assert len(family) >= 2                                # the workers (and multiprocessing's tracker)
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(30) == 0, served.tail()
-        left = [p for p in family if _running(p)]
+        left = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in family if _running(p)}
         assert not left, f"still running after the supervisor exited: {left}"
     finally:
         served.kill_all(family)
         print(served.tail())
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_supervisor_and_every_worker(tmp_path, edtalk_weights, face_image):
+    served = _Served(edtalk_weights, face_image, tmp_path / "serve.log")
+    family: set[int] = set()
+    try:
+        asyncio.run(served.until(lambda s, b: s == 200, 90, "both workers up"))
+        family = _descendants(served.proc.pid)
+        os.killpg(served.proc.pid, signal.SIGINT)              # a terminal's Ctrl-C reaches the whole group
+        assert served.proc.wait(30) == 0, served.tail()
+        assert not [p for p in family if _running(p)]
+    finally:
+        served.kill_all(family)
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path, edtalk_weights):
+    done = subprocess.run([EXE, "serve", "--workers", "2", "--weights", str(edtalk_weights), "--avatar",
+                           str(tmp_path / "missing.png"), "--port", str(_free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"error: worker 0 did not start: {tmp_path / 'missing.png'}: " \
+                                                   "avatar image not found"
