@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (8080)")
-    serve.add_argument("--max-sessions", type=int, default=8, metavar="N", help="session limit; then 503 (8)")
+    serve.add_argument("--max-sessions", type=int, default=8, metavar="N",
+                       help="session limit of the whole server (all workers); then 503 (8)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes behind the one address, each with its own sessions and model "
+                       "(default: one per 2 CPU cores, at least 1, at most 8; 1: a single process)")
     serve.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
     serve.add_argument("--render-threads", type=int, default=1, metavar="N",
                        help="CPU threads of the renderer (1: the other cores go to the sessions' media)")
@@ -246,6 +250,11 @@ def _run_weights(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from edtalk_live.realtime.workers import resolve_workers, supervise
+
+    workers = resolve_workers(args.workers)
+    if workers > 1:
+        return supervise(args, workers)
     from edtalk_live.realtime.serve import serve
 
     return serve(args)

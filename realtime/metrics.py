@@ -200,3 +200,134 @@ class ServerMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+#: how the supervisor of ``serve --workers N`` merges a gauge over its live workers; any other gauge is
+#: summed (live sessions, queue depth, frames in flight); ``own``: the supervisor's value (the whole
+#: server's session limit); ``session_mean``: the mean weighted by each worker's live sessions
+GAUGE_MERGE: dict[str, str] = {
+    "edtalk_sessions_max": "own",
+    "edtalk_session_fps": "session_mean",
+    "edtalk_av_offset_seconds": "max",
+    "edtalk_render_batch_seconds_ewma": "max",
+}
+#: metric types whose samples are cumulative (counters, histogram buckets, counts and sums): summed over
+#: every worker process that ever ran, the dead ones with the last values read from them
+CUMULATIVE_TYPES: frozenset[str] = frozenset({"counter", "histogram", "summary"})
+
+_Key = tuple[str, tuple[tuple[str, str], ...]]      # (sample name, sorted labels)
+
+
+class MergedMetrics:
+    """The metrics of ``serve --workers N``: every worker's ``/metrics`` merged into one exposition (a collector).
+
+    The supervisor reads each worker's Prometheus text (:meth:`update`) and exposes the merged samples
+    under the same names: counters and histograms add up over the workers, gauges merge by
+    :data:`GAUGE_MERGE`. When a worker process ends, :meth:`retire` keeps the last cumulative values
+    read from it, so no counter goes down when a worker dies and its replacement starts from zero.
+    Gauges count only the workers that are up (0 when none is). ``*_created`` samples (creation
+    timestamps, one per process) are left out. The supervisor's own metrics live in :attr:`own`
+    (offers it refused itself, the workers' state) and merge the same way.
+    """
+
+    def __init__(self, max_sessions: int, workers: int):
+        self.own = r = CollectorRegistry()
+        self.sessions_max = Gauge("edtalk_sessions_max", "Session limit.", registry=r)
+        self.sessions_max.set(max_sessions)
+        self.sessions_rejected = Counter("edtalk_sessions_rejected", "Offers refused, by reason.", ["reason"],
+                                         registry=r)
+        for reason in REJECT_REASONS:
+            self.sessions_rejected.labels(reason)
+        self.workers = Gauge("edtalk_workers", "Worker processes configured.", registry=r)
+        self.workers.set(workers)
+        self.workers_up = Gauge("edtalk_workers_up", "Worker processes up and healthy.", registry=r)
+        self.worker_restarts = Counter("edtalk_worker_restarts", "Worker processes restarted after they ended.",
+                                       registry=r)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        self._current: dict[int, list[Metric]] = {}       # worker -> the families last read from it
+        self._families: dict[str, tuple[str, str]] = {}   # family -> (type, help), in the workers' order
+        self._keys: dict[str, dict[_Key, None]] = {}      # family -> every sample it ever had
+        #: family -> its cumulative samples summed over the worker processes that ended
+        self._retired: dict[str, dict[_Key, float]] = {}
+
+    def update(self, worker: int, exposition: str) -> None:
+        """``exposition`` is what worker ``worker``'s ``/metrics`` answered just now."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = [f for f in text_string_to_metric_families(exposition) if not f.name.endswith("_created")]
+        self._current[worker] = families
+        self._learn(families)
+
+    def retire(self, worker: int) -> None:
+        """Worker ``worker``'s process ended: its last counts join the totals, its gauges leave."""
+        for family in self._current.pop(worker, []):
+            if family.type in CUMULATIVE_TYPES:
+                retired = self._retired.setdefault(family.name, {})
+                for key, value in _samples(family):
+                    retired[key] = retired.get(key, 0.0) + value
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of the merged metrics, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        own = list(self.own.collect())
+        self._learn(own)
+        sources: list[tuple[int | None, Metric]] = [(w, f) for w, fs in self._current.items() for f in fs]
+        sources += [(None, f) for f in own]
+        sessions = {w: sum(v for _, v in _samples(f)) for w, f in sources
+                    if w is not None and f.name == "edtalk_sessions"}
+        for name, (kind, doc) in self._families.items():
+            per_source = [(w, f) for w, f in sources if f.name == name]
+            merged = Metric(name, doc, kind)
+            values: dict[_Key, float] = dict.fromkeys(self._keys[name], 0.0)
+            if kind in CUMULATIVE_TYPES:
+                values.update(self._retired.get(name, {}))
+                for _, f in per_source:
+                    for key, value in _samples(f):
+                        values[key] += value
+            else:
+                values.update(_merge_gauge(GAUGE_MERGE.get(name, "sum"), per_source, sessions))
+            for (sample, labels), value in values.items():
+                merged.add_sample(sample, dict(labels), value)
+            yield merged
+
+    def _learn(self, families: Iterable[Metric]) -> None:
+        for f in families:
+            self._families.setdefault(f.name, (f.type, f.documentation))
+            keys = self._keys.setdefault(f.name, {})
+            for key, _ in _samples(f):
+                keys.setdefault(key)
+
+
+def _samples(family: Metric) -> Iterator[tuple[_Key, float]]:
+    for s in family.samples:
+        if not s.name.endswith("_created"):
+            yield (s.name, tuple(sorted(s.labels.items()))), s.value
+
+
+def _merge_gauge(how: str, per_source: list[tuple[int | None, Metric]],
+                 sessions: dict[int, float]) -> dict[_Key, float]:
+    """One gauge family over the sources that have it (``None``: the supervisor itself)."""
+    if how == "own":
+        per_source = [(w, f) for w, f in per_source if w is None]
+    values: dict[_Key, list[tuple[int | None, float]]] = {}
+    for w, f in per_source:
+        for key, value in _samples(f):
+            values.setdefault(key, []).append((w, value))
+    merged = {}
+    for key, vs in values.items():
+        if how == "max":
+            merged[key] = max(v for _, v in vs)
+        elif how == "session_mean":
+            weight = sum(sessions.get(w, 0.0) for w, _ in vs if w is not None)
+            merged[key] = sum(sessions.get(w, 0.0) * v for w, v in vs if w is not None) / weight if weight else 0.0
+        else:
+            merged[key] = sum(v for _, v in vs)
+    return merged

@@ -56,9 +56,8 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
     return AvatarServer(renderer, prepared, presets, settings, clip_poses=clip)
 
 
-def serve(args) -> int:
-    from aiohttp import web
-
+def settings_from_args(args, host: str | None = None, port: int | None = None) -> ServerSettings:
+    """The :class:`ServerSettings` of ``serve``'s command-line arguments (``host``/``port`` override theirs)."""
     ports = None
     if args.udp_ports:
         try:
@@ -74,13 +73,27 @@ def serve(args) -> int:
                 raise InputError(f"TURN server {url} needs --turn-username and --turn-credential")
             entry.update(username=args.turn_username, credential=args.turn_credential)
         ice.append(entry)
-    settings = ServerSettings(host=args.host, port=args.port, max_sessions=args.max_sessions, ice_servers=tuple(ice),
-                              udp_ports=ports, inactivity_timeout=args.inactivity_timeout,
-                              render_budget=args.render_budget, max_batch=args.max_batch,
-                              render_threads=args.render_threads, audio_prefetch=args.audio_prefetch)
-    server = build_server(args.weights, args.avatar, backend=args.backend, device=args.device,
-                          pose_video=args.pose_video, settings=settings, avatars_dir=args.avatars,
-                          align=not args.no_align)
+    return ServerSettings(host=args.host if host is None else host, port=args.port if port is None else port,
+                          max_sessions=args.max_sessions, ice_servers=tuple(ice), udp_ports=ports,
+                          inactivity_timeout=args.inactivity_timeout, render_budget=args.render_budget,
+                          max_batch=args.max_batch, render_threads=args.render_threads,
+                          audio_prefetch=args.audio_prefetch)
+
+
+def server_from_args(args, host: str | None = None, port: int | None = None) -> AvatarServer:
+    """The server ``serve``'s arguments describe, built by :func:`build_server` (a worker of
+    ``serve --workers N`` builds its own through here too, on its private ``host``/``port``)."""
+    settings = settings_from_args(args, host, port)
+    return build_server(args.weights, args.avatar, backend=args.backend, device=args.device,
+                        pose_video=args.pose_video, settings=settings, avatars_dir=args.avatars,
+                        align=not args.no_align)
+
+
+def serve(args) -> int:
+    """``serve`` in one process (``--workers 1``): :mod:`edtalk_live.realtime.workers` runs several."""
+    from aiohttp import web
+
+    server = server_from_args(args)
     print(f"serving on http://{args.host}:{args.port}/ (open it in a browser; Ctrl-C stops)", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
     return 0

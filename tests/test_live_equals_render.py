@@ -47,7 +47,7 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "EDTALK_LIVE_CACHE": str(log.parent / "cache")}
-        self.proc = subprocess.Popen([EXE, "serve", "--weights", str(weights), "--avatar", str(photo),
+        self.proc = subprocess.Popen([EXE, "serve", "--workers", "1", "--weights", str(weights), "--avatar", str(photo),
                                       "--port", str(self.port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
                                      env=env)
 
