@@ -22,6 +22,7 @@ import torch
 
 from edtalk_live.avatar.prepare import effective_expression
 from edtalk_live.edtalk.errors import InputError
+from edtalk_live.edtalk.timing import FPS as VIDEO_FPS
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ __all__ = [
 
 POSE_DIM = 6
 EXP_DIM = 10
-FPS = 25.0
+FPS = float(VIDEO_FPS)
 MODES = ("still", "clip", "idle")
 CURVES = ("linear", "smoothstep")
 MAX_INTENSITY = 2.0

@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from edtalk_live.edtalk.timing import FPS
+
 __all__ = ["DRY_RUN", "GPU", "Profile", "build_parser", "main", "psnr"]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ TARGET_FPS_BATCH = 32            # the FPS target holds at batch >= this
 TARGET_FRAME_MS = 3.0            # one frame at batch 1
 TARGET_SESSIONS = 150            # concurrent 25 fps sessions on one GPU ...
 TARGET_CORES = 16                # ... with this many CPU cores
-SESSION_FPS = 25
+SESSION_FPS = FPS
 #: a live level "held 25 fps" when every session received at least this many frames a second (and the renderer
 #: kept up: at most 1 % of the frames late, see ``benchmarks.latency.KEPT_UP_FRACTION``)
 HELD_FPS = 24.0

@@ -61,14 +61,15 @@ from typing import Any
 
 import numpy as np
 
+from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+
 __all__ = ["LevelResult", "SessionMeasure", "VoiceBlock", "analyse_session", "main", "speech_like", "summarise",
            "voice_blocks", "voice_lag", "write_random_weights"]
 
 logger = logging.getLogger(__name__)
 
-RATE = 16_000
-FRAME_SAMPLES = 640              # 40 ms of 16 kHz audio per video frame (25 fps)
-FPS = 25
+RATE = SAMPLE_RATE
+FRAME_SAMPLES = SAMPLES_PER_FRAME    # 40 ms of 16 kHz audio per video frame (25 fps)
 FRAME_MS = 1000 / FPS
 #: a decoded index more than this many frames after the previous one is a misread (unless the next ones follow it)
 MAX_INDEX_JUMP = 50

@@ -14,9 +14,11 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from edtalk_live.edtalk.timing import SAMPLE_RATE
+
 logger = logging.getLogger(__name__)
 
-RATE = 16_000
+RATE = SAMPLE_RATE            # the session clock counts 16 kHz samples
 
 
 class SampleRing:

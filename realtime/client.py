@@ -23,11 +23,12 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.edtalk.timing import SAMPLE_RATE
 from edtalk_live.media.io import load_audio
 
 logger = logging.getLogger(__name__)
 
-RATE = 16_000
+RATE = SAMPLE_RATE
 PTIME = 0.02
 CHUNK = int(RATE * PTIME)
 

@@ -28,8 +28,8 @@ from edtalk_live.avatar.lipsync import LipFrame, StreamingLipSync
 from edtalk_live.avatar.motion import ExpressionState, PoseSource
 from edtalk_live.avatar.prepare import PreparedAvatar
 from edtalk_live.avatar.speech import SILENCE_DB, lipsync_config
-from edtalk_live.edtalk.audio import SAMPLES_PER_FRAME
 from edtalk_live.edtalk.errors import InputError
+from edtalk_live.edtalk.timing import FPS, SAMPLES_PER_FRAME
 from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.audio_in import RATE, AudioInput
 from edtalk_live.realtime.lipbatch import LipBatcher
@@ -328,12 +328,12 @@ class Session:
     def _sent(self, index: int) -> None:
         """Video frame ``index`` leaves now: record audio-in -> frame-out latency and the A/V offset."""
         now = self.clock.now()
-        arrived = self._arrival_time(640 * (index + 1))
+        arrived = self._arrival_time(SAMPLES_PER_FRAME * (index + 1))
         if arrived is not None and self.audio.frames:
             self.stats.note_latency((now - arrived) * 1000)
         voice_media = self.voice.next_sample / RATE
         voice_sent = self.clock.audio_due(self.voice.next_sample)
-        self.stats.av_offset_ms.append(((now - index / 25) - (voice_sent - voice_media)) * 1000)
+        self.stats.av_offset_ms.append(((now - index / FPS) - (voice_sent - voice_media)) * 1000)
 
     def _voice_for(self, start: int, n: int) -> np.ndarray:
         if self.paused:

@@ -25,13 +25,14 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE
+
 logger = logging.getLogger(__name__)
 
-FPS = 25
 VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 TICKS_PER_FRAME = VIDEO_CLOCK // FPS          # 3600
-AUDIO_RATE = 16_000
+AUDIO_RATE = SAMPLE_RATE
 AUDIO_PTIME = 0.020                           # 20 ms audio frames, as Opus sends them
 AUDIO_SAMPLES = int(AUDIO_RATE * AUDIO_PTIME)  # 320
 
