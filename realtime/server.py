@@ -59,7 +59,7 @@ class ServerSettings:
     render_threads: int = 1
     #: how far behind real time silence replaces audio that has not arrived (must stay below render_budget;
     #: audio arriving later than this is dropped, so it also bounds the network jitter tolerated)
-    jitter_margin: float = 0.03
+    jitter_margin: float = 0.05
     max_batch: int = 16
     max_wait_ms: float = 4.0
     max_offer_bytes: int = 64 * 1024

@@ -90,7 +90,7 @@ class Session:
 
     def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: PreparedAvatar,
                  options: SessionOptions, presets: dict[str, torch.Tensor], render_budget: float = 0.1,
-                 jitter_margin: float = 0.03, time_fn: Callable[[], float] | None = None,
+                 jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
                  silence_db: float | None = SILENCE_DB, paste: Callable[[np.ndarray], np.ndarray] | None = None,
                  lip_batcher: LipBatcher | None = None, clip_poses: torch.Tensor | None = None,
                  on_lag: Callable[[float], None] | None = None):
