@@ -9,6 +9,7 @@ object, never in module globals; a failing session closes only its own peer conn
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.resources
 import json
 import logging
@@ -159,6 +160,10 @@ class AvatarServer:
         if self.settings.udp_ports is not None:
             restrict_udp_ports(asyncio.get_running_loop(), *self.settings.udp_ports)
         await self.scheduler.start()
+        # what start-up made (model, avatars, imports) lives as long as the server: keep it out of the
+        # collector's full passes, which otherwise stall the event loop (and every session) for a large heap
+        gc.collect()
+        gc.freeze()
 
     async def _shutdown(self, _app: web.Application) -> None:
         await asyncio.gather(*(self.close_peer(sid, "server shutdown") for sid in list(self.peers)))

@@ -193,6 +193,8 @@ class Session:
     # ------------------------------------------------------------ audio in
     def push_audio(self, frame: av.AudioFrame) -> None:
         """One received audio frame (any rate and layout)."""
+        if not self.started:               # media can flow before the "connected" event: time starts now
+            self.start()
         if not self.audio.anchored:
             # the first speech starts a video frame: the session's frame grid is moved (once, by less than a
             # frame, while only silence is shown) to pass through its arrival, so its frames are render's
