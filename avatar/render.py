@@ -41,7 +41,7 @@ from edtalk_live.media.weights import WeightFiles, find_weights, load_preset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RenderSummary", "pingpong", "render_file"]  # pingpong: re-exported from avatar.driving
+__all__ = ["RenderSummary", "render_file"]
 
 
 @dataclass(frozen=True)

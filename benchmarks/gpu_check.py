@@ -1133,16 +1133,6 @@ def _tested(measured: Sequence[dict[str, Any]], held: Sequence[int]) -> str:
 # ================================================================================================ CLI
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        items = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not items or min(items) < 1:
-        raise argparse.ArgumentTypeError(f"give positive integers, got {text!r}")
-    return items
-
-
 def _phases(text: str) -> tuple[str, ...]:
     items = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in items if t not in PHASES]
@@ -1163,9 +1153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="run the same code on the CPU at the 64² test config with tiny repetition counts "
                         "(sessions 1,2; about a minute; for CI)")
-    p.add_argument("--sessions", type=_ints, default=None,
+    from edtalk_live.benchmarks.latency import positive_ints
+
+    p.add_argument("--sessions", type=positive_ints, default=None,
                    help="concurrent sessions of the live phase (default: 1,8,32; dry run 1,2)")
-    p.add_argument("--batches", type=_ints, default=None,
+    p.add_argument("--batches", type=positive_ints, default=None,
                    help="batch sizes of the FPS phase (default: 1,2,4,8,16,32,64)")
     p.add_argument("--seconds", type=float, default=None,
                    help="seconds of audio per session in the live phase (default: 8; dry run 3)")
@@ -1213,7 +1205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "machine, or with --dry-run to check the code path on the CPU", file=sys.stderr)
         return 2
     profile = DRY_RUN if args.dry_run else GPU
-    profile = replace(profile, batches=args.batches or profile.batches, sessions=args.sessions or profile.sessions,
+    profile = replace(profile, batches=tuple(args.batches or profile.batches),
+                      sessions=tuple(args.sessions or profile.sessions),
                       seconds=args.seconds or profile.seconds, budget_s=args.time_limit or profile.budget_s)
     command = _command_line(argv)
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

@@ -745,13 +745,14 @@ def report(rows: Sequence[dict[str, Any]], info: ServerInfo, args: argparse.Name
 # ================================================================================================ CLI
 
 
-def _sessions(text: str) -> list[int]:
+def positive_ints(text: str) -> list[int]:
+    """A command-line list like ``1,4,16`` of integers >= 1 (session counts, batch sizes)."""
     try:
         items = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
     if not items or min(items) < 1:
-        raise argparse.ArgumentTypeError(f"session counts must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"give integers >= 1, got {text!r}")
     return items
 
 
@@ -776,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--render-budget", type=float, default=None, metavar="S",
                      help="a fixed render budget for a started server, seconds (default: the server measures it)")
     src.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
-    p.add_argument("--sessions", type=_sessions, default=[1, 4, 16], help="concurrency levels (1,4,16)")
+    p.add_argument("--sessions", type=positive_ints, default=[1, 4, 16], help="concurrency levels (1,4,16)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio sent per session, seconds (10)")
     p.add_argument("--audio", metavar="FILE", help="audio to send (default: a built-in speech-like signal)")
     p.add_argument("--low-latency", action="store_true", help="ask for the low-latency lip sync (40 ms look-ahead)")

@@ -58,10 +58,6 @@ class RenderBudget:
         """True once enough frames were seen at ``load`` sessions or more for the budget to come from them."""
         return len(self._at(load)) >= self.warmup
 
-    def lag_quantile(self, load: int = 1, q: float | None = None) -> float | None:
-        lags = self._at(load)
-        return float(np.percentile(lags, self.quantile if q is None else q)) if len(lags) else None
-
     def current(self, load: int = 1) -> float:
         """The budget of a session that makes the load ``load`` sessions (seconds)."""
         lags = self._at(load)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from edtalk_live.avatar.driving import pingpong
 from edtalk_live.avatar.motion import MODES, ExpressionState, PoseSource
-from edtalk_live.avatar.render import pingpong
 from edtalk_live.edtalk.errors import InputError
 
 FPS = 25
