@@ -175,6 +175,7 @@ class StreamingLipSync:
         self._half = DEFAULT_MEL_CONFIG.n_fft // 2
         self._taps = gaussian_kernel(3, 1.0)  # the smoothing's taps, for the gate weights
         self._origin = 0
+        self._checked = False  # audio_to_lip's output was checked against rest_lip
         self._latency = max(self.samples_needed(i) - SAMPLES_PER_FRAME * i for i in range(4 * MEL_STEP))
         self._clear()
 
@@ -243,8 +244,7 @@ class StreamingLipSync:
         k = self._n_raw
         while self._raw_ready_at(k) <= available:
             k += 1
-        self._compute_raw(k, num_mel=None)
-        frames = self._emit(self._n_raw - 1 if self._offline else self._n_raw, at_end=False)
+        frames = self._advance(k, k - 1 if self._offline else k, num_mel=None)
         self._release()
         return frames
 
@@ -261,8 +261,7 @@ class StreamingLipSync:
         if total > self._n_out:
             end = total * SAMPLES_PER_FRAME if self.config.cut_to_frames else n
             num_mel = self._mel.finish(end)
-            self._compute_raw(total, num_mel=num_mel)
-            frames = self._emit(total, at_end=True)
+            frames = self._advance(total, total, num_mel=num_mel, at_end=True)
         logger.debug("flush: %d frames at the end of a stream of %d samples", len(frames), n)
         self.reset()
         return frames
@@ -282,12 +281,14 @@ class StreamingLipSync:
 
     # ------------------------------------------------------------ internals
     def _clear(self) -> None:
-        self._n_raw = 0  # frames of the stream with raw coefficients computed
+        self._n_raw = 0  # frames of the stream whose windows and gate are known
         self._n_out = 0  # frames of the stream returned
-        self._raw0 = 0  # stream frame of self._raw[0]
-        self._raw = torch.zeros(0, 0)  # raw coefficients [n_raw - raw0, lip_dim]
-        self._gate = np.zeros(0, np.float64)  # gate openness in [0, 1] per frame, same rows as self._raw
-        self._next_ready = self._raw_ready_at(0)  # samples needed before the next raw frame can be computed
+        self._raw0 = 0  # stream frame of row 0 of the arrays below
+        self._windows = np.zeros((0, 1, 80, MEL_STEP), np.float32)  # mel windows [rows, 1, 80, 16]
+        self._raw = np.zeros((0, 0), np.float32)  # raw coefficients [rows, lip_dim] (rows not computed: 0)
+        self._have = np.zeros(0, bool)  # which rows' raw coefficients are computed
+        self._gate = np.zeros(0, np.float64)  # gate openness in [0, 1] per row
+        self._next_ready = self._raw_ready_at(0)  # samples needed before the next frame's window is complete
 
     def _window_starts(self, i0: int, i1: int) -> np.ndarray:
         """First mel frame (unclamped) of the windows of frames ``i0 .. i1 - 1``: int64 ``[i1 - i0]``."""
@@ -309,30 +310,75 @@ class StreamingLipSync:
         last_mel = self._window_start(i) + MEL_STEP - 1
         return max(self._hop * last_mel + self._half, SAMPLES_PER_FRAME * (i + 1))
 
-    def _compute_raw(self, upto: int, num_mel: int | None) -> None:
-        """Raw coefficients and gate of frames ``n_raw .. upto - 1``: one ``audio_to_lip`` call."""
+    def _advance(self, k: int, upto: int, num_mel: int | None, at_end: bool = False) -> list[LipFrame]:
+        """Gather the windows of frames ``n_raw .. k - 1``, then return frames ``n_out .. upto - 1``.
+
+        Raw coefficients are computed only where a returned frame reads them (a frame whose mouth is
+        fully at rest reads none), in at most one ``audio_to_lip`` call, and every change of state
+        happens after that call (see :mod:`edtalk_live.realtime.lipbatch`, which replays a pop).
+        """
         i0 = self._n_raw
-        if upto <= i0:
-            return
-        idx = self._window_starts(i0, upto)[:, None] + np.arange(MEL_STEP, dtype=np.int64)[None, :]
-        idx = np.clip(idx, 0, None if num_mel is None else num_mel - 1)
-        mel, level = self._mel.gather(idx)  # [n, 16, 80], [n, 16]
-        windows = torch.from_numpy(np.ascontiguousarray(mel.transpose(0, 2, 1)))[:, None]  # [n, 1, 80, 16]
-        with torch.inference_mode():
-            raw = self.audio_to_lip(windows)
-        raw = torch.as_tensor(raw).detach().to("cpu", torch.float32)
-        if raw.ndim != 2 or raw.shape[0] != upto - i0:
-            raise InputError(f"audio_to_lip returned shape {list(raw.shape)} for {upto - i0} windows, "
-                             f"expected [{upto - i0}, lip_dim]")
-        if self._rest is None:
-            self._rest = torch.zeros(raw.shape[1])
-        elif self._rest.shape[0] != raw.shape[1]:
-            raise InputError(f"rest_lip has {self._rest.shape[0]} coefficients, audio_to_lip gives {raw.shape[1]}")
-        gate = self._openness(level.max(axis=1))
-        self._raw = raw if self._raw.shape[0] == 0 else torch.cat([self._raw, raw])
-        self._gate = np.concatenate([self._gate, gate])
-        self._n_raw = upto
-        self._next_ready = self._raw_ready_at(upto)
+        windows, gate, have, raw = self._windows, self._gate, self._have, self._raw
+        if k > i0:
+            idx = self._window_starts(i0, k)[:, None] + np.arange(MEL_STEP, dtype=np.int64)[None, :]
+            idx = np.clip(idx, 0, None if num_mel is None else num_mel - 1)
+            mel, level = self._mel.gather(idx)  # [n, 16, 80], [n, 16]
+            windows = np.concatenate([windows, mel.transpose(0, 2, 1)[:, None].astype(np.float32, copy=False)])
+            gate = np.concatenate([gate, self._openness(level.max(axis=1))])
+            have = np.concatenate([have, np.zeros(k - i0, bool)])
+            width = raw.shape[1] or (self._rest.shape[0] if self._rest is not None else 0)
+            raw = np.concatenate([raw.reshape(len(gate) - (k - i0), width), np.zeros((k - i0, width), np.float32)])
+        n0, r0 = self._n_out, self._raw0
+        upto = max(upto, n0)
+        lo, hi = max(n0 - 1, 0), min(upto + 1, k)  # rows the smoothing of frames n0 .. upto - 1 reads
+        weight = self._weights(gate[lo - r0 : hi - r0], n0 - lo, upto - n0)
+        need = np.zeros(len(gate), bool)
+        for r in np.flatnonzero(weight > 0.0) + (n0 - r0):  # a frame not fully at rest reads its neighbours
+            need[max(r - 1, lo - r0) : r + 2 if self._offline else r + 1] = True
+        if not self._checked and upto > n0:
+            need[n0 - r0] = True  # the first call checks the number of coefficients (and makes rest = zeros)
+        need &= ~have
+        if need.any():
+            rows = np.flatnonzero(need)
+            with torch.inference_mode():
+                out = self.audio_to_lip(torch.from_numpy(np.ascontiguousarray(windows[rows])))
+            out = torch.as_tensor(out).detach().to("cpu", torch.float32).numpy()
+            if out.ndim != 2 or out.shape[0] != len(rows):
+                raise InputError(f"audio_to_lip returned shape {list(out.shape)} for {len(rows)} windows, "
+                                 f"expected [{len(rows)}, lip_dim]")
+            if self._rest is None:
+                self._rest = torch.zeros(out.shape[1])
+            elif self._rest.shape[0] != out.shape[1]:
+                raise InputError(f"rest_lip has {self._rest.shape[0]} coefficients, audio_to_lip gives {out.shape[1]}")
+            self._checked = True
+            if raw.shape[1] != out.shape[1]:
+                raw = np.zeros((len(gate), out.shape[1]), np.float32)
+            raw = raw.copy() if raw is self._raw else raw
+            raw[rows] = out
+            have = have | need
+        # commit
+        self._windows, self._gate, self._have, self._raw = windows, gate, have, raw
+        if k > i0:
+            self._n_raw = k
+            self._next_ready = self._raw_ready_at(k)
+        return self._emit(upto, weight, at_end)
+
+    def _weights(self, g: np.ndarray, first: int, count: int) -> np.ndarray:
+        """How much of its own mouth each of ``count`` frames shows (0: fully at rest), from the gates ``g``
+        of the rows its smoothing reads (row ``first`` is the first frame's own)."""
+        if count <= 0:
+            return np.zeros(0)
+        if not self.config.gate_enabled:
+            return np.ones(count)
+        if self._offline:
+            gp = np.concatenate([g[:1], g, g[-1:]])  # replicate the gate at the stream's ends
+            k = self._taps
+            g_smooth = k[0] * gp[:-2] + k[1] * gp[1:-1] + k[2] * gp[2:]
+        else:
+            gp = np.concatenate([g[:1], g])
+            g_smooth = 0.5 * (gp[:-1] + gp[1:])
+        own = g[first : first + count]
+        return np.maximum(own, g_smooth[first : first + count])  # voiced frames (own == 1) stay untouched
 
     def _openness(self, level_db: np.ndarray) -> np.ndarray:
         """Gate openness in [0, 1] from a window's loudest STFT frame (dBFS): 1 at the threshold and above."""
@@ -341,48 +387,45 @@ class StreamingLipSync:
         ramp = self.config.silence_ramp_db
         return np.clip((level_db - self.config.silence_db) / ramp + 1.0, 0.0, 1.0)
 
-    def _emit(self, upto: int, at_end: bool) -> list[LipFrame]:
-        """Smooth, gate and return frames ``n_out .. upto - 1`` (their neighbours' raw values exist)."""
+    def _emit(self, upto: int, weight: np.ndarray, at_end: bool) -> list[LipFrame]:
+        """Smooth and gate frames ``n_out .. upto - 1`` (``weight``: their gate weights) and return them."""
         n0 = self._n_out
         if upto <= n0:
             return []
         lo = max(n0 - 1, 0)
         hi = min(upto + 1, self._n_raw)
         seg = self._raw[lo - self._raw0 : hi - self._raw0]
-        g = self._gate[lo - self._raw0 : hi - self._raw0]
         if self._offline:
             # offline smoothing on the segment: its zero padding is the stream's own at frame 0 and at the end;
             # elsewhere the padded rows (the segment's first and last) are dropped.
             lip = smooth(seg)[n0 - lo : upto - lo]
-            gp = np.concatenate([g[:1], g, g[-1:]])  # replicate the gate at the stream's ends
-            k = self._taps
-            g_smooth = k[0] * gp[:-2] + k[1] * gp[1:-1] + k[2] * gp[2:]
         else:
-            prev = torch.cat([seg[:1], seg[:-1]]) if n0 == 0 else seg[:-1]
+            prev = np.concatenate([seg[:1], seg[:-1]]) if n0 == 0 else seg[:-1]
             cur = seg if n0 == 0 else seg[1:]
-            lip = (0.5 * (prev + cur))[: upto - n0]
-            gp = np.concatenate([g[:1], g])
-            g_smooth = 0.5 * (gp[:-1] + gp[1:])
-        own = g[n0 - lo : upto - lo]
-        weight = np.maximum(own, g_smooth[n0 - lo : upto - lo])  # voiced frames (own == 1) stay untouched
+            lip = (np.float32(0.5) * (prev + cur))[: upto - n0]
+        own = self._gate[n0 - self._raw0 : upto - self._raw0]
         if self.config.gate_enabled and (weight < 1.0).any():
-            w = torch.from_numpy(weight).to(torch.float32)[:, None]
-            blended = w * lip + (1.0 - w) * self._rest[None]
-            lip = torch.where(w >= 1.0, lip, torch.where(w <= 0.0, self._rest[None].expand_as(lip), blended))
+            rest = self._rest.numpy()[None]
+            w = weight.astype(np.float32)[:, None]
+            blended = w * lip + (np.float32(1.0) - w) * rest
+            lip = np.where(w >= 1.0, lip, np.where(w <= 0.0, rest, blended))
         voiced = own >= 1.0
         self._n_out = upto
         base = self._origin + n0
+        lips = torch.from_numpy(np.ascontiguousarray(lip, dtype=np.float32))
         return [
-            LipFrame(index=base + r, lip=lip[r], sample_start=SAMPLES_PER_FRAME * (base + r), voiced=bool(voiced[r]))
+            LipFrame(index=base + r, lip=lips[r], sample_start=SAMPLES_PER_FRAME * (base + r), voiced=bool(voiced[r]))
             for r in range(upto - n0)
         ]
 
     def _release(self) -> None:
-        """Drop raw coefficients and mel frames no future frame needs."""
+        """Drop windows, coefficients and mel frames no future frame needs."""
         keep = max(self._n_out - 1, 0)  # the smoothing of frame n_out reads frame n_out - 1
         drop = keep - self._raw0
         if drop > 0:
-            self._raw = self._raw[drop:].clone()
+            self._windows = self._windows[drop:].copy()
+            self._raw = self._raw[drop:].copy()
+            self._have = self._have[drop:].copy()
             self._gate = self._gate[drop:].copy()
             self._raw0 = keep
         self._mel.release_frames(max(self._window_start(self._n_raw), 0))

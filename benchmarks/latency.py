@@ -590,14 +590,17 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
 
 
 @contextlib.asynccontextmanager
-async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, model_note: str, log_dir: Path):
+async def server_process(weights: Path, avatar: Path, log_dir: Path, *, backend: str = "torch",
+                         max_sessions: int = 8, max_batch: int = 16, render_budget: float | None = None,
+                         device: str | None = None, extra: Sequence[str] = ()):
+    """``edtalk-live serve --workers 1`` started as its own process on a free port; yields ``(url, process,
+    health, config)`` once it answers, and stops it afterwards. Its log goes to ``log_dir/server.log``."""
     port = _free_port()
     cmd = [sys.executable, "-m", "edtalk_live.clients.cli", "-v",
-           "serve", "--weights", str(weights), "--avatar", str(avatar), "--port", str(port),
-           "--backend", args.backend, "--max-sessions", str(max(args.sessions)), "--max-batch", str(args.max_batch),
-           *(["--render-budget", str(args.render_budget)] if args.render_budget is not None else [])]
-    if args.device:
-        cmd += ["--device", args.device]
+           "serve", "--weights", str(weights), "--avatar", str(avatar), "--port", str(port), "--workers", "1",
+           "--backend", backend, "--max-sessions", str(max_sessions), "--max-batch", str(max_batch),
+           *(["--render-budget", str(render_budget)] if render_budget is not None else []),
+           *(["--device", device] if device else []), *extra]
     if _no_alignment():
         cmd.append("--no-align")
     log_path = log_dir / "server.log"
@@ -617,9 +620,7 @@ async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, m
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server process did not answer on {url} within 600 s (log: {log_path})")
             await asyncio.sleep(0.5)
-        yield ServerInfo(url, f"child process (pid {proc.pid})", health.get("backend", "?"),
-                         f"{config.get('family')}, {config.get('size')}² ({model_note})", _budget_ms(args),
-                         pid=proc.pid)
+        yield url, proc, health, config
     finally:
         proc.terminate()
         try:
@@ -627,6 +628,16 @@ async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, m
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, model_note: str, log_dir: Path):
+    async with server_process(weights, avatar, log_dir, backend=args.backend, max_sessions=max(args.sessions),
+                              max_batch=args.max_batch, render_budget=args.render_budget,
+                              device=args.device) as (url, proc, health, config):
+        yield ServerInfo(url, f"child process (pid {proc.pid})", health.get("backend", "?"),
+                         f"{config.get('family')}, {config.get('size')}² ({model_note})", _budget_ms(args),
+                         pid=proc.pid)
 
 
 @contextlib.asynccontextmanager

@@ -20,14 +20,15 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+
+T_Array = TypeVar("T_Array", torch.Tensor, np.ndarray)
 
 logger = logging.getLogger(__name__)
 
@@ -366,31 +367,46 @@ def gaussian_kernel(k_size: int = 3, sigma: float = 1.0) -> np.ndarray:
     return k / k.sum()
 
 
-def smooth(lip: torch.Tensor, sigma: float = 1.0, k_size: int = 3) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def _taps32(k_size: int, sigma: float) -> tuple[float, ...]:
+    # the demo builds the taps in float64 and casts them to float32 before the convolution
+    return tuple(float(t) for t in gaussian_kernel(k_size, sigma).astype(np.float32))
+
+
+def smooth(lip: T_Array, sigma: float = 1.0, k_size: int = 3) -> T_Array:
     """Temporal Gaussian smoothing of per-frame coefficients, as the EDTalk demo's ``conv_feat``.
 
     Args:
-        lip: floating ``[T, C]`` (time first).
+        lip: floating ``[T, C]`` (time first), a torch tensor (any device) or a numpy array.
         sigma, k_size: Gaussian width and (odd) number of taps.
 
     Returns:
-        ``[T, C]``, same dtype and device: each channel convolved along time with
-        ``gaussian_kernel(k_size, sigma)`` with zero padding, so the first and last frames are
-        attenuated (by 0.726 for the defaults).
+        ``[T, C]``, same type, dtype and device: each channel convolved along time with
+        ``gaussian_kernel(k_size, sigma)`` (taps in float32) with zero padding, so the first and last
+        frames are attenuated (by 0.726 for the defaults). Computed as a sum of shifted copies (a
+        grouped ``conv1d`` over 20 channels costs more in call overhead than in arithmetic, and the
+        streaming lip sync calls this for every frame).
     """
-    if not isinstance(lip, torch.Tensor):
-        raise InputError(f"lip must be a torch tensor, got {type(lip).__name__}")
+    is_torch = isinstance(lip, torch.Tensor)
+    if not is_torch and not isinstance(lip, np.ndarray):
+        raise InputError(f"lip must be a torch tensor or numpy array, got {type(lip).__name__}")
     if lip.ndim != 2:
         raise InputError(f"lip must be [T, C], got shape {tuple(lip.shape)}")
-    if not lip.is_floating_point():
+    if not (lip.is_floating_point() if is_torch else np.issubdtype(lip.dtype, np.floating)):
         raise InputError(f"lip must be floating point, got dtype {lip.dtype}")
-    k = gaussian_kernel(k_size, sigma)
-    t, c = lip.shape
-    if t == 0 or c == 0:
-        return lip.clone()
-    # The demo builds the taps in float64 and casts them to float32 before the convolution.
-    weight = torch.from_numpy(k).to(torch.float32).to(device=lip.device, dtype=lip.dtype)
-    weight = weight.view(1, 1, k_size).expand(c, 1, k_size)
-    x = lip.t().unsqueeze(0)  # [1, C, T]
-    out = F.conv1d(x, weight, padding=k_size // 2, groups=c)
-    return out.squeeze(0).t().contiguous()
+    taps = _taps32(k_size, float(sigma))
+    t = lip.shape[0]
+    out = lip.clone() if is_torch else lip.copy()
+    if t == 0 or lip.shape[1] == 0:
+        return out
+    pad = k_size // 2
+    out *= taps[pad]
+    for k, w in enumerate(taps):
+        d = k - pad                          # out[i] += w * lip[i + d], zero outside [0, t)
+        if d == 0 or abs(d) >= t:
+            continue
+        if d > 0:
+            out[: t - d] += w * lip[d:]
+        else:
+            out[-d:] += w * lip[: t + d]
+    return out

@@ -18,7 +18,15 @@ import bisect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
@@ -29,6 +37,9 @@ RENDER_SECONDS_BUCKETS: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.
                                              5.12)
 #: why the frame scheduler did not render a frame: the ``reason`` label of ``edtalk_frames_dropped_total``
 DROP_REASONS: tuple[str, ...] = ("deadline", "queue_full", "error", "stopped")
+#: what the render thread spends its CPU time on: the ``stage`` label of ``edtalk_render_thread_cpu_seconds_total``
+#: (``render``: decoder batches; ``lipsync``: mel, Audio2Lip and smoothing; ``other``: expressions, paste-back)
+CPU_STAGES: tuple[str, ...] = ("render", "lipsync", "other")
 #: why an offer was refused: the ``reason`` label of ``edtalk_sessions_rejected_total``
 REJECT_REASONS: tuple[str, ...] = ("full", "bad_request", "too_large")
 
@@ -67,6 +78,10 @@ class SchedulerMetrics:
                                        buckets=RENDER_SECONDS_BUCKETS, registry=None)
         self.batch_seconds_ewma = Gauge("edtalk_render_batch_seconds_ewma",
                                         "Moving average of the time per renderer call, seconds.", registry=None)
+        self.cpu_seconds = Counter("edtalk_render_thread_cpu_seconds",
+                                   "CPU time of the render thread, seconds, by stage.", ["stage"], registry=None)
+        for stage in CPU_STAGES:
+            self.cpu_seconds.labels(stage)
         self.queue_depth = Gauge("edtalk_scheduler_queue_depth", "Frame requests waiting for dispatch.",
                                  registry=None)
         self.queue_depth.set_function(queue_depth)
@@ -74,7 +89,7 @@ class SchedulerMetrics:
                                registry=None)
         self.in_flight.set_function(in_flight)
         self._all = (self.frames_rendered, self.batches, self.frames_dropped, self.batch_size, self.batch_seconds,
-                     self.batch_seconds_ewma, self.queue_depth, self.in_flight)
+                     self.batch_seconds_ewma, self.cpu_seconds, self.queue_depth, self.in_flight)
 
     def batch(self, size: int, seconds: float, ewma: float) -> None:
         """One renderer call of ``size`` frames took ``seconds``."""
@@ -83,6 +98,10 @@ class SchedulerMetrics:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
         self.batch_seconds_ewma.set(ewma)
+
+    def cpu(self, stage: str, seconds: float) -> None:
+        """The render thread spent ``seconds`` of CPU time on ``stage`` (:data:`CPU_STAGES`)."""
+        self.cpu_seconds.labels(stage).inc(max(seconds, 0.0))
 
     def dropped(self, reason: str, n: int = 1) -> None:
         self.frames_dropped.labels(reason).inc(n)
@@ -180,6 +199,8 @@ class ServerMetrics:
     def __init__(self, max_sessions: int, live_counts: Callable[[], Iterable[SessionCounts]],
                  scheduler: SchedulerMetrics | None = None):
         self.registry = r = CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (Linux /proc)
+        ProcessCollector(registry=r)
         self.sessions = Gauge("edtalk_sessions", "Live sessions.", registry=r)
         self.sessions_max = Gauge("edtalk_sessions_max", "Session limit.", registry=r)
         self.sessions_max.set(max_sessions)
@@ -212,6 +233,8 @@ GAUGE_MERGE: dict[str, str] = {
     "edtalk_session_fps": "session_mean",
     "edtalk_av_offset_seconds": "max",
     "edtalk_render_batch_seconds_ewma": "max",
+    "process_start_time_seconds": "min",
+    "process_max_fds": "max",
 }
 #: metric types whose samples are cumulative (counters, histogram buckets, counts and sums): summed over
 #: every worker process that ever ran, the dead ones with the last values read from them
@@ -325,6 +348,8 @@ def _merge_gauge(how: str, per_source: list[tuple[int | None, Metric]],
     for key, vs in values.items():
         if how == "max":
             merged[key] = max(v for _, v in vs)
+        elif how == "min":
+            merged[key] = min(v for _, v in vs)
         elif how == "session_mean":
             weight = sum(sessions.get(w, 0.0) for w, _ in vs if w is not None)
             merged[key] = sum(sessions.get(w, 0.0) * v for w, v in vs if w is not None) / weight if weight else 0.0

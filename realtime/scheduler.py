@@ -259,27 +259,33 @@ class FrameScheduler:
         self._wake.set()
         return await future
 
-    async def run(self, fn: Callable[..., T], /, *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], /, *args: Any, stage: str = "other") -> T:
         """Run ``fn(*args)`` in the render thread, between batches, and return its result.
 
         For a session's other device work (Audio2Lip on new audio, the EEM blocks of a new
         expression): device calls stay serialized with rendering and the event loop never runs
-        them. Raises what ``fn`` raises, or :class:`SchedulerClosed` when the scheduler stops first.
+        them. Its CPU time is counted under ``stage`` (:data:`~edtalk_live.realtime.metrics.CPU_STAGES`).
+        Raises what ``fn`` raises, or :class:`SchedulerClosed` when the scheduler stops first.
         """
         if not self.running:
             raise SchedulerClosed("the frame scheduler is not running (call start() first)")
-        return await asyncio.wrap_future(self._submit(fn, *args))
+        return await asyncio.wrap_future(self._submit(fn, *args, stage=stage))
 
-    def _submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+    def _submit(self, fn: Callable[..., T], *args: Any, stage: str = "other") -> concurrent.futures.Future[T]:
         """Queue ``fn(*args)`` for the render thread; it raises :class:`SchedulerClosed` instead of running
         when :meth:`stop` came first."""
         assert self._executor is not None and self._closed is not None
         closed = self._closed
+        metrics = self.metrics
 
         def call() -> T:
             if closed.is_set():
                 raise SchedulerClosed("the frame scheduler stopped before this call ran")
-            return fn(*args)
+            start = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                metrics.cpu(stage, time.thread_time() - start)
 
         future = self._executor.submit(call)
         self._calls.add(future)
@@ -441,7 +447,7 @@ class FrameScheduler:
         """Render ``batch`` in the render thread and hand each caller its row."""
         n = len(batch)
         call = self._submit(self._render_batch, [r.avatar for r in batch], [r.lip for r in batch],
-                            [r.pose for r in batch])
+                            [r.pose for r in batch], stage="render")
         self._inflight_frames = n
         try:
             frames, seconds = await asyncio.wrap_future(call)

@@ -9,6 +9,7 @@ object, never in module globals; a failing session closes only its own peer conn
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import importlib.resources
 import json
@@ -132,7 +133,7 @@ class AvatarServer:
         self.budget = RenderBudget(floor=settings.jitter_margin + 0.02)
         self.settings = settings = settings or ServerSettings()
         self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
-        self.lip_batcher = LipBatcher(renderer.audio_to_lip, self.scheduler.run)
+        self.lip_batcher = LipBatcher(renderer.audio_to_lip, functools.partial(self.scheduler.run, stage="lipsync"))
         self.peers: dict[str, _Peer] = {}
         self._pastes: dict[str, Any] = {}
         self.started = time.time()

@@ -261,7 +261,7 @@ class Session:
             elif self.lip_batcher is not None:
                 frames = await self.lip_batcher.pop(self.lips, self._lip_hook)
             else:
-                frames = await self.scheduler.run(self.lips.pop)
+                frames = await self.scheduler.run(self.lips.pop, stage="lipsync")
             for f in restart + frames:
                 self._spawn(self._render(f, self._generation), f"frame-{f.index}")
 
@@ -279,7 +279,7 @@ class Session:
         if anchor > self._fed:
             self.lips.push(self.audio.read(self._fed, anchor - self._fed))
             self._fed = anchor
-        frames = await self.scheduler.run(self.lips.flush)
+        frames = await self.scheduler.run(self.lips.flush, stage="lipsync")
         if self.lips.position != anchor:
             logger.warning("session %s: lip-sync restarted at %d, not %d", self.id[:8], self.lips.position, anchor)
         return frames

@@ -299,6 +299,30 @@ def test_digital_silence_gives_exactly_the_rest_pose(model):
     assert all(torch.equal(f.lip, torch.zeros(20)) for f in frames)
 
 
+@pytest.mark.parametrize("lookahead", ["offline", "low"])
+def test_silence_costs_no_audio_to_lip(model, wav, lookahead):
+    """Audio2Lip runs only for windows some returned frame reads: a frame fully at rest reads none. The
+    result is the same as with every window computed (the gate weights of those frames are 0)."""
+    x = np.concatenate([wav[:16000], np.zeros(3 * 16000, np.float32), wav[:8000]])
+    windows = []
+
+    def counting(w: torch.Tensor) -> torch.Tensor:
+        windows.append(w.shape[0])
+        return model.audio_to_lip(w)
+
+    cfg = LipSyncConfig(lookahead=lookahead)
+    frames, _, _ = stream(StreamingLipSync(counting, cfg), x, chunk_sizes(320, x.size))
+    open_frames = sum(1 for f in frames if not torch.equal(f.lip, torch.zeros(20)))
+    # ~25 + 12 voiced frames, each reads at most its neighbours; 75 silent frames read nothing
+    assert open_frames < 50
+    assert sum(windows) <= open_frames + 6
+    # every window computed (gate off) gives the same mouths where the gate is fully open
+    ref, _, _ = stream(StreamingLipSync(model.audio_to_lip, LipSyncConfig(lookahead=lookahead, silence_db=None)),
+                       x, chunk_sizes(320, x.size))
+    voiced = torch.tensor([f.voiced for f in frames])
+    assert (lips_of(frames)[voiced] - lips_of(ref)[voiced]).abs().max().item() <= LIP_ATOL
+
+
 def test_gate_leaves_voiced_frames_of_speech_untouched(model, wav):
     ref = offline(model.audio_to_lip, wav)
     rest = torch.full((20,), 0.25)
