@@ -59,7 +59,7 @@ from edtalk_live.edtalk.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LipFrame", "LipSyncConfig", "StreamingLipSync"]
+__all__ = ["LipFrame", "LipSyncConfig", "PendingPop", "StreamingLipSync"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,15 @@ class LipFrame:
     def time_s(self) -> float:
         """Start of the frame in seconds."""
         return self.sample_start / SAMPLE_RATE
+
+
+@dataclass(frozen=True, eq=False)
+class PendingPop:
+    """A :meth:`StreamingLipSync.begin_pop`: ``windows`` mel windows ``[n,1,80,16]`` whose Audio2Lip output
+    ``complete`` takes (``None`` when the frames need none), returning the frames."""
+
+    windows: torch.Tensor | None
+    complete: Callable[[torch.Tensor | np.ndarray | None], list[LipFrame]]
 
 
 class StreamingLipSync:
@@ -236,17 +245,26 @@ class StreamingLipSync:
 
     def pop(self) -> list[LipFrame]:
         """Every frame that became final since the last call, in order (possibly none)."""
+        pending = self.begin_pop()
+        if pending is None:
+            return []
+        return pending.complete(self._call(pending.windows) if pending.windows is not None else None)
+
+    def begin_pop(self) -> PendingPop | None:
+        """:meth:`pop` in two steps, for one Audio2Lip call over several lip syncs
+        (:mod:`edtalk_live.realtime.lipbatch`): ``None`` when no frame is final yet, else a
+        :class:`PendingPop` whose ``windows`` (``None``: no coefficients needed) go to ``audio_to_lip``
+        and whose ``complete(raw)`` returns what ``pop`` would. Nothing changes until ``complete``;
+        a pending pop left uncompleted changes nothing at all."""
         available = self._mel.num_samples
         if self.config.cut_to_frames:
             available -= available % SAMPLES_PER_FRAME
         if available < self._next_ready:
-            return []
+            return None
         k = self._n_raw
         while self._raw_ready_at(k) <= available:
             k += 1
-        frames = self._advance(k, k - 1 if self._offline else k, num_mel=None)
-        self._release()
-        return frames
+        return self._plan(k, k - 1 if self._offline else k, num_mel=None, release=True)
 
     def flush(self) -> list[LipFrame]:
         """End of stream: the remaining frames with the offline renderer's end semantics, then :meth:`reset`.
@@ -261,7 +279,8 @@ class StreamingLipSync:
         if total > self._n_out:
             end = total * SAMPLES_PER_FRAME if self.config.cut_to_frames else n
             num_mel = self._mel.finish(end)
-            frames = self._advance(total, total, num_mel=num_mel, at_end=True)
+            pending = self._plan(total, total, num_mel=num_mel, release=False)
+            frames = pending.complete(self._call(pending.windows) if pending.windows is not None else None)
         logger.debug("flush: %d frames at the end of a stream of %d samples", len(frames), n)
         self.reset()
         return frames
@@ -310,12 +329,15 @@ class StreamingLipSync:
         last_mel = self._window_start(i) + MEL_STEP - 1
         return max(self._hop * last_mel + self._half, SAMPLES_PER_FRAME * (i + 1))
 
-    def _advance(self, k: int, upto: int, num_mel: int | None, at_end: bool = False) -> list[LipFrame]:
-        """Gather the windows of frames ``n_raw .. k - 1``, then return frames ``n_out .. upto - 1``.
+    def _call(self, windows: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.audio_to_lip(windows)
+
+    def _plan(self, k: int, upto: int, num_mel: int | None, release: bool) -> PendingPop:
+        """Gather the windows of frames ``n_raw .. k - 1``; the pending return of frames ``n_out .. upto - 1``.
 
         Raw coefficients are computed only where a returned frame reads them (a frame whose mouth is
-        fully at rest reads none), in at most one ``audio_to_lip`` call, and every change of state
-        happens after that call (see :mod:`edtalk_live.realtime.lipbatch`, which replays a pop).
+        fully at rest reads none); nothing changes until the pending pop completes.
         """
         i0 = self._n_raw
         windows, gate, have, raw = self._windows, self._gate, self._have, self._raw
@@ -338,30 +360,37 @@ class StreamingLipSync:
         if not self._checked and upto > n0:
             need[n0 - r0] = True  # the first call checks the number of coefficients (and makes rest = zeros)
         need &= ~have
-        if need.any():
-            rows = np.flatnonzero(need)
-            with torch.inference_mode():
-                out = self.audio_to_lip(torch.from_numpy(np.ascontiguousarray(windows[rows])))
-            out = torch.as_tensor(out).detach().to("cpu", torch.float32).numpy()
-            if out.ndim != 2 or out.shape[0] != len(rows):
-                raise InputError(f"audio_to_lip returned shape {list(out.shape)} for {len(rows)} windows, "
-                                 f"expected [{len(rows)}, lip_dim]")
-            if self._rest is None:
-                self._rest = torch.zeros(out.shape[1])
-            elif self._rest.shape[0] != out.shape[1]:
-                raise InputError(f"rest_lip has {self._rest.shape[0]} coefficients, audio_to_lip gives {out.shape[1]}")
-            self._checked = True
-            if raw.shape[1] != out.shape[1]:
-                raw = np.zeros((len(gate), out.shape[1]), np.float32)
-            raw = raw.copy() if raw is self._raw else raw
-            raw[rows] = out
-            have = have | need
-        # commit
-        self._windows, self._gate, self._have, self._raw = windows, gate, have, raw
-        if k > i0:
-            self._n_raw = k
-            self._next_ready = self._raw_ready_at(k)
-        return self._emit(upto, weight, at_end)
+        rows = np.flatnonzero(need)
+
+        def complete(out: torch.Tensor | np.ndarray | None) -> list[LipFrame]:
+            nonlocal raw, have
+            if len(rows):
+                if out is None:
+                    raise InputError(f"this pop needs the coefficients of {len(rows)} windows")
+                out = torch.as_tensor(out).detach().to("cpu", torch.float32).numpy()
+                if out.ndim != 2 or out.shape[0] != len(rows):
+                    raise InputError(f"audio_to_lip returned shape {list(out.shape)} for {len(rows)} windows, "
+                                     f"expected [{len(rows)}, lip_dim]")
+                rest = self._rest
+                if rest is not None and rest.shape[0] != out.shape[1]:
+                    raise InputError(f"rest_lip has {rest.shape[0]} coefficients, audio_to_lip gives {out.shape[1]}")
+                raw = np.zeros((len(gate), out.shape[1]), np.float32) if raw.shape[1] != out.shape[1] else raw.copy()
+                raw[rows] = out
+                have = have | need
+                if rest is None:
+                    self._rest = torch.zeros(out.shape[1])
+                self._checked = True
+            self._windows, self._gate, self._have, self._raw = windows, gate, have, raw
+            if k > i0:
+                self._n_raw = k
+                self._next_ready = self._raw_ready_at(k)
+            frames = self._emit(upto, weight)
+            if release:
+                self._release()
+            return frames
+
+        batch = torch.from_numpy(np.ascontiguousarray(windows[rows])) if len(rows) else None
+        return PendingPop(batch, complete)
 
     def _weights(self, g: np.ndarray, first: int, count: int) -> np.ndarray:
         """How much of its own mouth each of ``count`` frames shows (0: fully at rest), from the gates ``g``
@@ -387,7 +416,7 @@ class StreamingLipSync:
         ramp = self.config.silence_ramp_db
         return np.clip((level_db - self.config.silence_db) / ramp + 1.0, 0.0, 1.0)
 
-    def _emit(self, upto: int, weight: np.ndarray, at_end: bool) -> list[LipFrame]:
+    def _emit(self, upto: int, weight: np.ndarray) -> list[LipFrame]:
         """Smooth and gate frames ``n_out .. upto - 1`` (``weight``: their gate weights) and return them."""
         n0 = self._n_out
         if upto <= n0:

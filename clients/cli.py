@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_avatar.add_argument("--avatars", metavar="DIR", help="a folder of avatar images; sessions pick one by name")
     serve.add_argument("--no-align", action="store_true", help="take avatar images as given (already aligned crops)")
     serve.add_argument("--pose-video", metavar="CLIP", help="driving clip for the 'clip' pose mode")
-    serve.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    serve.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                       help="inference backend (auto: torch on a CUDA GPU, else onnxruntime, whose graphs are "
+                            "exported into the cache on the first start)")
     serve.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (8080)")

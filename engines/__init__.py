@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 __all__ = ["Avatar", "BACKENDS", "PreparedSource", "Renderer", "available_backends", "cache_dir", "create_renderer",
-           "ensure_onnx", "to_frames", "to_uint8_numpy", "to_uint8_torch"]
+           "default_backend", "ensure_onnx", "to_frames", "to_uint8_numpy", "to_uint8_torch"]
 
 
 def cache_dir() -> Path:
@@ -30,6 +30,19 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "edtalk-live"
+
+
+def default_backend(device: str | None = None) -> str:
+    """The backend a server uses when none is named: ``torch`` on a CUDA device (fp16, CUDA graphs), else
+    ``onnxruntime`` when it is installed (on a CPU it renders the 64² test model in a third of torch's time
+    and spends less CPU per frame; its graphs are exported into the cache on first use), else ``torch``."""
+    import importlib.util
+
+    import torch
+
+    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
+        return "torch"
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
 
 
 def available_backends() -> dict[str, str]:

@@ -80,8 +80,7 @@ class SchedulerMetrics:
                                         "Moving average of the time per renderer call, seconds.", registry=None)
         self.cpu_seconds = Counter("edtalk_render_thread_cpu_seconds",
                                    "CPU time of the render thread, seconds, by stage.", ["stage"], registry=None)
-        for stage in CPU_STAGES:
-            self.cpu_seconds.labels(stage)
+        self._cpu = {stage: self.cpu_seconds.labels(stage) for stage in CPU_STAGES}
         self.queue_depth = Gauge("edtalk_scheduler_queue_depth", "Frame requests waiting for dispatch.",
                                  registry=None)
         self.queue_depth.set_function(queue_depth)
@@ -101,7 +100,7 @@ class SchedulerMetrics:
 
     def cpu(self, stage: str, seconds: float) -> None:
         """The render thread spent ``seconds`` of CPU time on ``stage`` (:data:`CPU_STAGES`)."""
-        self.cpu_seconds.labels(stage).inc(max(seconds, 0.0))
+        self._cpu[stage].inc(max(seconds, 0.0))
 
     def dropped(self, reason: str, n: int = 1) -> None:
         self.frames_dropped.labels(reason).inc(n)

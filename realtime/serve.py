@@ -19,7 +19,7 @@ from edtalk_live.realtime.server import AvatarServer, ServerSettings
 logger = logging.getLogger(__name__)
 
 
-def build_server(weights_dir: str | Path | None, avatar: str | Path | None = None, backend: str = "torch",
+def build_server(weights_dir: str | Path | None, avatar: str | Path | None = None, backend: str = "auto",
                  device: str | None = None, pose_video: str | Path | None = None,
                  settings: ServerSettings | None = None, avatars_dir: str | Path | None = None,
                  align: bool = True, cache: bool = True, face: int = 0) -> AvatarServer:
@@ -34,11 +34,15 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
     weights = find_weights(weights_dir)
     weights.require_audio2lip()
     model = edtalk.load_model(weights.gen, audio2lip=weights.audio2lip)
+    if backend == "auto":
+        backend = engines.default_backend(device)
     options = {}
     if backend == "onnxruntime":
         options = {"threads": settings.render_threads, "spin": False}
-    elif backend == "torch":
-        torch.set_num_threads(settings.render_threads)       # process-wide: the server process renders only
+    # process-wide, whatever the backend: the torch ops outside the renderer (lip sync, poses, frames) are
+    # small, and a second OpenMP thread would spin after each one (measured: a third of the process's CPU
+    # with the ONNX Runtime backend)
+    torch.set_num_threads(settings.render_threads)
     renderer = engines.create_renderer(backend, model=model, device=device, **options)
     logger.info("backend: %s", renderer.describe())
     clip = read_clip_motion(renderer, pose_video, align).pose if pose_video else None

@@ -103,8 +103,7 @@ class Session:
         self.created = time.time()
         lip_cfg = lipsync_config(low_latency=options.low_latency, silence_db=silence_db)   # as render's
         self.lip_batcher = lip_batcher     # shared by all sessions: one Audio2Lip call per tick for everyone
-        self._lip_hook = lip_batcher.hook() if lip_batcher is not None else None
-        self.lips = StreamingLipSync(self._lip_hook or renderer.audio_to_lip, lip_cfg, rest_lip=assets.rest_lip)
+        self.lips = StreamingLipSync(renderer.audio_to_lip, lip_cfg, rest_lip=assets.rest_lip)
         self.render_budget = render_budget
         self.delay = self.lips.latency_s + render_budget
         self.on_lag = on_lag               # each rendered frame's lag (see realtime.budget), or None
@@ -250,7 +249,11 @@ class Session:
                 self._speech_started = True
                 restart = await self._restart_at(anchor)
             end = self.audio.cursor
-            if end > self._fed:
+            # the audio waits in the ring until the lip sync's next frame can be complete with it: one mel
+            # update per frame rather than one per packet
+            lips = self.lips
+            stream_end = lips.position - SAMPLES_PER_FRAME * lips.first_index + end - self._fed
+            if end > self._fed and stream_end >= lips.samples_needed(lips.next_index - lips.first_index):
                 chunk = self.audio.read(self._fed, end - self._fed)
                 if self.paused:
                     chunk = np.zeros_like(chunk)
@@ -259,7 +262,7 @@ class Session:
             if not self.lips.ready():
                 frames = []
             elif self.lip_batcher is not None:
-                frames = await self.lip_batcher.pop(self.lips, self._lip_hook)
+                frames = await self.lip_batcher.pop(self.lips)
             else:
                 frames = await self.scheduler.run(self.lips.pop, stage="lipsync")
             for f in restart + frames:

@@ -505,3 +505,17 @@ def test_no_backend_imports_another():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         others = {m for m in imported if m.rsplit(".", 1)[-1] in backends - {name}}
         assert not others, f"{name} imports {sorted(others)}"
+
+
+def test_default_backend_is_onnxruntime_on_a_cpu_and_torch_on_cuda(monkeypatch):
+    import importlib.util
+
+    from edtalk_live import engines
+
+    want_cpu = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
+    assert engines.default_backend("cpu") == want_cpu
+    assert engines.default_backend("cuda:0") == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engines.default_backend(None) == want_cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engines.default_backend(None) == "torch"

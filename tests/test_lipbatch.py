@@ -43,9 +43,7 @@ def _frames_equal(a, b) -> None:
 def test_pop_many_equals_separate_pops_with_one_call():
     a2l = CountingA2L()
     streams = _streams(3)
-    batcher = LipBatcher(a2l, run=None)
-    hooks = [batcher.hook() for _ in streams]
-    batched = [StreamingLipSync(h, LipSyncConfig(cut_to_frames=False)) for h in hooks]
+    batched = [StreamingLipSync(a2l, LipSyncConfig(cut_to_frames=False)) for _ in streams]
     alone = [StreamingLipSync(a2l, LipSyncConfig(cut_to_frames=False)) for _ in streams]
     rng = np.random.default_rng(1)
     pos = [0, 0, 0]
@@ -60,7 +58,7 @@ def test_pop_many_equals_separate_pops_with_one_call():
             alone[k].push(chunk)
             out_a[k] += alone[k].pop()
         before = a2l.calls
-        results = pop_many(list(zip(batched, hooks, strict=True)), a2l)
+        results = pop_many(batched, a2l)
         assert a2l.calls - before <= 1, "one Audio2Lip call for all sessions"
         for k in range(3):
             out_b[k] += results[k]
@@ -71,18 +69,16 @@ def test_pop_many_equals_separate_pops_with_one_call():
 
 def test_failed_call_changes_nothing():
     a2l = CountingA2L()
-    batcher = LipBatcher(a2l, run=None)
-    hook = batcher.hook()
-    lips = StreamingLipSync(hook, LipSyncConfig(cut_to_frames=False))
+    lips = StreamingLipSync(a2l, LipSyncConfig(cut_to_frames=False))
     ref = StreamingLipSync(a2l, LipSyncConfig(cut_to_frames=False))
     wav = _streams(1)[0]
     lips.push(wav)
     ref.push(wav)
     a2l.fail = True
     with pytest.raises(RuntimeError, match="device lost"):
-        pop_many([(lips, hook)], a2l)
+        pop_many([lips], a2l)
     a2l.fail = False
-    _frames_equal(pop_many([(lips, hook)], a2l)[0], ref.pop())
+    _frames_equal(pop_many([lips], a2l)[0], ref.pop())
 
 
 def test_batcher_gathers_sessions_that_tick_together():
@@ -94,15 +90,14 @@ def test_batcher_gathers_sessions_that_tick_together():
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
         batcher = LipBatcher(a2l, run=run)
-        hooks = [batcher.hook() for _ in streams]
-        lips = [StreamingLipSync(h, LipSyncConfig(cut_to_frames=False)) for h in hooks]
+        lips = [StreamingLipSync(a2l, LipSyncConfig(cut_to_frames=False)) for _ in streams]
         got = [[] for _ in streams]
 
         async def session(k):
             for start in range(0, len(streams[k]), 320):
                 lips[k].push(streams[k][start:start + 320])
                 if lips[k].ready():
-                    got[k] += await batcher.pop(lips[k], hooks[k])
+                    got[k] += await batcher.pop(lips[k])
                 await asyncio.sleep(0)
 
         await asyncio.gather(*(session(k) for k in range(len(streams))))
