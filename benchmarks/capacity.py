@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", metavar="DIR", help="start servers with these weights (needs --avatar)")
     src.add_argument("--avatar", metavar="IMAGE", help="the avatar image for --weights")
     src.add_argument("--configs", type=lambda t: [c for c in t.split(",") if c], default=["test"],
-                     help="random-weight configs: test (64²), official (256²), tiny (default: test)")
+                     help="random-weight configs: test (64²), small (128²), official (256²) (default: test)")
     src.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b], default=["onnxruntime", "torch"],
                      help="backends to start servers with (default: onnxruntime,torch)")
     src.add_argument("--device", default=None, help="torch device of a started server (default: cuda if available)")

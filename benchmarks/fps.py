@@ -89,6 +89,8 @@ class BenchConfig:
 CONFIGS = {
     "official": BenchConfig("official", 256, None),
     "test": BenchConfig("test", 64, (64, 64, 64, 32, 16)),
+    # 128², the test widths one level up: the size at which a live session runs on a small CPU
+    "small": BenchConfig("small", 128, (128, 128, 128, 64, 32, 16)),
     "tiny": BenchConfig("tiny", 32, (16, 16, 8, 8), style_dim=64),   # for the smoke test; not listed in --help
 }
 

@@ -590,7 +590,7 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
 
 
 @contextlib.asynccontextmanager
-async def server_process(weights: Path, avatar: Path, log_dir: Path, *, backend: str = "torch",
+async def server_process(weights: Path, avatar: Path, log_dir: Path, *, backend: str = "auto",
                          max_sessions: int = 8, max_batch: int = 16, render_budget: float | None = None,
                          device: str | None = None, extra: Sequence[str] = ()):
     """``edtalk-live serve --workers 1`` started as its own process on a free port; yields ``(url, process,
@@ -776,14 +776,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--server", metavar="URL", help="measure a running server instead of starting one")
     src.add_argument("--weights", metavar="DIR", help="start a server with these official weights (needs --avatar)")
     src.add_argument("--avatar", metavar="IMAGE", help="the avatar image for --weights")
-    src.add_argument("--random", choices=("test", "official", "tiny"), default=None,
-                     help="start a server with seeded random weights: test (64², fixture widths) or "
-                          "official (256², published widths)")
+    src.add_argument("--random", choices=("test", "small", "official", "tiny"), default=None,
+                     help="start a server with seeded random weights: test (64², fixture widths), small (128²) "
+                          "or official (256², published widths)")
     src.add_argument("--family", choices=("edtalk", "lip_pose"), default="edtalk", help="for --random (edtalk)")
     src.add_argument("--server-process", action="store_true",
                      help="start the server in a child process instead of this one")
-    src.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
-                     help="renderer of a started server (torch)")
+    src.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
+                     help="renderer of a started server (auto: as `serve` picks it)")
     src.add_argument("--device", default=None, help="torch device of a started server (default: cuda if available)")
     src.add_argument("--render-budget", type=float, default=None, metavar="S",
                      help="a fixed render budget for a started server, seconds (default: the server measures it)")

@@ -21,7 +21,9 @@ from edtalk_live.export.stages import StageSpec, stage_specs
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-#: tolerance of the ORT-vs-PyTorch check, by output kind (fp32, CPU)
+#: tolerance of the ORT-vs-PyTorch check, by output kind (fp32, CPU), relative to the output's largest magnitude
+#: when that is above 1 (random weights at 128² and up give raw images beyond [-1, 1], and the decoder's
+#: float error grows with them)
 VERIFY_TOL = {"image": 1e-3, "default": 1e-4}
 
 
@@ -142,10 +144,11 @@ def verify_graph(spec: StageSpec, path: Path, batches=(1, 3, 8), seed: int = 0) 
             if tuple(g.shape) != tuple(r.shape):
                 raise ExportError(f"{path.name}: output '{name}' has shape {list(g.shape)}, expected {list(r.shape)}")
             e = float(np.abs(g - r.numpy()).max()) if g.size else 0.0
-            tol = VERIFY_TOL.get(name, VERIFY_TOL["default"])
+            scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
+            tol = VERIFY_TOL.get(name, VERIFY_TOL["default"]) * scale
             if not e <= tol:
                 raise ExportError(f"{path.name}: output '{name}' differs from PyTorch by {e:.2e} at batch {b} "
-                                  f"(tolerance {tol:.0e})")
+                                  f"(tolerance {tol:.1e})")
             err = max(err, e)
         errors[b] = max(err, errors.get(b, 0.0))
     return errors

@@ -63,5 +63,8 @@ class RenderBudget:
         lags = self._at(load)
         if len(lags) < self.warmup:
             return min(max(self.initial, self.floor), self.ceiling)
-        lag = float(np.percentile(lags, self.quantile))
+        return self.estimate(float(np.percentile(lags, self.quantile)))
+
+    def estimate(self, lag: float) -> float:
+        """The budget for frames that take ``lag`` seconds: with the margin and the slack, within the bounds."""
         return min(max(lag * self.margin + self.slack, self.floor), self.ceiling)

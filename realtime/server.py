@@ -32,7 +32,7 @@ from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.metrics import ServerMetrics, SessionCounts
 from edtalk_live.realtime.protocol import POSE_MODES, SessionOptions, parse_control
 from edtalk_live.realtime.scheduler import FrameScheduler
-from edtalk_live.realtime.session import Session
+from edtalk_live.realtime.session import PRODUCER_TICK_S, Session
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +129,10 @@ class AvatarServer:
         self.avatars = avatars
         self.presets = presets if renderer.config.has_expression else {}
         self.clip_poses = clip_poses            # [N,6] head poses of the server's pose clip (pose mode "clip")
-        # measured render budget: never below what the silence fill behind real time needs
-        self.budget = RenderBudget(floor=settings.jitter_margin + 0.02)
         self.settings = settings = settings or ServerSettings()
+        # measured render budget: never below what the silence fill behind real time needs (the margin and
+        # the producer's tick); its start value comes from timing the renderer at start-up (_warm_up)
+        self.budget = RenderBudget(floor=settings.jitter_margin + PRODUCER_TICK_S)
         self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
         self.lip_batcher = LipBatcher(renderer.audio_to_lip, functools.partial(self.scheduler.run, stage="lipsync"))
         self.peers: dict[str, _Peer] = {}
@@ -161,10 +162,45 @@ class AvatarServer:
         if self.settings.udp_ports is not None:
             restrict_udp_ports(asyncio.get_running_loop(), *self.settings.udp_ports)
         await self.scheduler.start()
+        if self.settings.render_budget is None:
+            await self._warm_up()
         # what start-up made (model, avatars, imports) lives as long as the server: keep it out of the
         # collector's full passes, which otherwise stall the event loop (and every session) for a large heap
         gc.collect()
         gc.freeze()
+
+    async def _warm_up(self, calls: int = 8) -> None:
+        """Time one frame's device work (Audio2Lip on a window, a decoder call) on the render thread, and start
+        the measured budget from it: a new server's first session gets a budget that fits this device and
+        model (the producer's tick, then the lip sync and the frame, with the measured budget's margin)."""
+        assets = next(iter(self.avatars.values()))
+        r = self.renderer
+
+        def timed() -> float:
+            avatar = r.prepare_expression(assets.source, assets.rest_exp)
+            lip, pose = torch.zeros(1, r.config.lip_dim), assets.rest_pose.reshape(1, -1)
+            windows = torch.zeros(1, 1, 80, 16)
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                r.audio_to_lip(windows)
+                r.render(avatar, lip, pose)
+                times.append(time.perf_counter() - t0)
+            return float(np.percentile(times[1:], 90))
+
+        try:
+            frame = await self.scheduler.run(timed, stage="other")
+        except Exception:  # noqa: BLE001 - the server still works with the default start value
+            logger.exception("timing the renderer at start-up failed; the render budget starts at %.0f ms",
+                             self.budget.initial * 1000)
+            return
+        # a frame of silence fill (no audio arriving) is final the jitter margin behind real time, up to a tick
+        # later, and then needs its device work: the budget never goes below that
+        self.budget.floor = min(self.settings.jitter_margin + PRODUCER_TICK_S + frame * self.budget.margin + 0.005,
+                                self.budget.ceiling)
+        self.budget.initial = self.budget.estimate(PRODUCER_TICK_S + frame)
+        logger.info("one frame's device work takes %.1f ms here: the render budget starts at %.0f ms, at least "
+                    "%.0f ms", frame * 1000, self.budget.current() * 1000, self.budget.floor * 1000)
 
     async def _shutdown(self, _app: web.Application) -> None:
         await asyncio.gather(*(self.close_peer(sid, "server shutdown") for sid in list(self.peers)))

@@ -52,6 +52,9 @@ from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, Ses
 
 logger = logging.getLogger(__name__)
 
+#: the producer's period: every session feeds its new audio to the lip sync and pops final frames on this grid
+PRODUCER_TICK_S = 0.02
+
 
 
 
@@ -122,6 +125,7 @@ class Session:
         self.closed = False
         self.started = False
         self._fed = 0                      # samples pushed into the lip-sync so far
+        self._filled_to = 0                # the silence fill (no audio arriving) reached this sample
         self._speech_started = False       # the lip-sync stream was restarted where the speech begins
         self._interrupt = False            # set by interrupt(), applied by the producer between pops
         self._avatar_key: bytes | None = None
@@ -228,7 +232,7 @@ class Session:
         return None
 
     # ------------------------------------------------------------ production
-    async def _produce(self, tick: float = 0.02) -> None:
+    async def _produce(self, tick: float = PRODUCER_TICK_S) -> None:
         loop = asyncio.get_running_loop()
         while not self.closed:
             # tick on a grid shared by all sessions, so the lip batcher sees their pops together
@@ -242,6 +246,8 @@ class Session:
             fill_to = now_pos - int(self.jitter_margin * RATE)
             if not self.audio.anchored:        # up to a frame boundary: the first speech can start on the next one
                 fill_to -= fill_to % SAMPLES_PER_FRAME
+            if self.audio.cursor < fill_to:
+                self._filled_to = fill_to      # frames reading audio up to here were (partly) silence fill
             self.audio.fill_silence_until(fill_to)
             restart = []
             anchor = self.audio.anchor_pos
@@ -309,7 +315,9 @@ class Session:
             return
         self.frames[f.index] = image
         self.stats.frames_rendered += 1
-        if self.on_lag is not None:        # ready this long after its audio window was complete
+        # ready this long after its audio window was complete; only frames of audio that arrived count (a
+        # frame of silence fill is late by the jitter margin by design: the budget's floor covers it)
+        if self.on_lag is not None and f.sample_start + self.lips.latency_samples > self._filled_to:
             self.on_lag(self.clock.now() - (self.clock.video_due(f.index) - self.render_budget))
 
     # ------------------------------------------------------------ track sources

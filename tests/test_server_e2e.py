@@ -407,3 +407,25 @@ def test_paste_back_session_streams_the_photo(edtalk_weights, testdata, speech):
     original = np.asarray(Image.open(photo).convert("RGB"))[: frame.shape[0], : frame.shape[1]]
     # far from the face (bottom rows) the stream shows the photo, up to video coding noise
     assert np.abs(frame[-100:].astype(int) - original[-100:].astype(int)).mean() < 6
+
+
+def test_render_budget_starts_from_the_renderer_timed_at_start_up(edtalk_weights, face_image):
+    """A new server times one frame's device work before the first session: the budget starts there (never
+    below the silence fill's jitter margin + a producer tick + that work), not at a fixed value."""
+    from edtalk_live.realtime.session import PRODUCER_TICK_S
+
+    async def main():
+        async with Running(edtalk_weights, face_image) as srv:
+            budget = srv.server.budget
+            assert budget.floor > srv.server.settings.jitter_margin + PRODUCER_TICK_S
+            assert budget.floor <= budget.initial == budget.current(load=1) < 0.5
+            return budget.floor, budget.initial
+
+    floor, initial = asyncio.run(main())
+    # a fixed budget is taken as given: no start-up timing
+    async def fixed():
+        async with Running(edtalk_weights, face_image, render_budget=0.2) as srv:
+            return srv.server.render_budget(), srv.server.budget.floor
+
+    budget, fixed_floor = asyncio.run(fixed())
+    assert budget == 0.2 and fixed_floor == pytest.approx(0.05 + PRODUCER_TICK_S)
