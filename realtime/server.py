@@ -277,7 +277,9 @@ class AvatarServer:
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
                           render_budget=self.render_budget(), jitter_margin=self.settings.jitter_margin,
                           paste=paste, lip_batcher=self.lip_batcher, clip_poses=self.clip_poses,
-                          on_lag=lambda lag: self.budget.report(lag, load=len(self.peers)))
+                          on_lag=lambda lag: self.budget.report(lag, load=len(self.peers)),
+                          budget_fn=(None if self.settings.render_budget is not None
+                                     else lambda: self.budget.current(load=len(self.peers))))
         peer = _Peer(session, pc)
         self.peers[sid] = peer
         self.prometheus.sessions_started.inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 #: the producer's period: every session feeds its new audio to the lip sync and pops final frames on this grid
 PRODUCER_TICK_S = 0.02
+#: a session judges its render budget over this many recent frames (2 s), and changes it at most this often
+BUDGET_WINDOW_FRAMES = 50
+#: the most a session's render budget rises to
+BUDGET_MAX_S = 1.0
 
 
 
@@ -70,6 +75,7 @@ class SessionStats:
     latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     latency_sum_ms: float = 0.0
     latency_count: int = 0
+    budget_changes: int = 0      # the render budget (and the output delay) changed mid-session
 
     def note_latency(self, ms: float) -> None:
         self.latency_ms.append(ms)
@@ -96,7 +102,7 @@ class Session:
                  jitter_margin: float = 0.05, time_fn: Callable[[], float] | None = None,
                  silence_db: float | None = SILENCE_DB, paste: Callable[[np.ndarray], np.ndarray] | None = None,
                  lip_batcher: LipBatcher | None = None, clip_poses: torch.Tensor | None = None,
-                 on_lag: Callable[[float], None] | None = None):
+                 on_lag: Callable[[float], None] | None = None, budget_fn: Callable[[], float] | None = None):
         self.id = sid
         self.renderer = renderer
         self.scheduler = scheduler
@@ -110,6 +116,10 @@ class Session:
         self.render_budget = render_budget
         self.delay = self.lips.latency_s + render_budget
         self.on_lag = on_lag               # each rendered frame's lag (see realtime.budget), or None
+        self.budget_fn = budget_fn         # the server's measured budget at the current load (None: fixed budget)
+        self._late = collections.deque(maxlen=BUDGET_WINDOW_FRAMES)   # recent frames: True = not ready in time
+        self._budget_changed = -math.inf   # session time of the last budget change
+        self._last_voiced = -1             # index of the last voiced frame rendered
         self.jitter_margin = jitter_margin
         self.clock = SessionClock(self.delay, time_fn=time_fn)
         self.audio = AudioInput(grid=SAMPLES_PER_FRAME)   # speech starts on a frame boundary
@@ -315,6 +325,8 @@ class Session:
             return
         self.frames[f.index] = image
         self.stats.frames_rendered += 1
+        if f.voiced:
+            self._last_voiced = max(self._last_voiced, f.index)
         # ready this long after its audio window was complete; only frames of audio that arrived count (a
         # frame of silence fill is late by the jitter margin by design: the budget's floor covers it)
         if self.on_lag is not None and f.sample_start + self.lips.latency_samples > self._filled_to:
@@ -323,6 +335,7 @@ class Session:
     # ------------------------------------------------------------ track sources
     def _frame_for(self, index: int) -> np.ndarray | None:
         image = self.frames.pop(index, None)
+        self._adapt_budget(index, late=image is None)
         for k in [k for k in self.frames if k < index]:
             del self.frames[k]
             self.stats.frames_dropped += 1
@@ -337,6 +350,39 @@ class Session:
                 self._probe_last = image
             image = paint_index(image, index)
         return image
+
+    def set_render_budget(self, budget: float) -> None:
+        """Change the render budget, and the output delay with it, by ``budget - render_budget``: both tracks
+        pause (a rise) or jump ahead (a cut) by as much together, so lips and voice stay in sync."""
+        change = budget - self.render_budget
+        self.render_budget = budget
+        self.delay += change
+        self.clock.delay = self.delay
+        self._budget_changed = self.clock.now()
+        self._late.clear()
+        self.stats.budget_changes += 1
+
+    def _adapt_budget(self, index: int, late: bool) -> None:
+        """A session keeps the budget it started with while its frames are on time. When more than 1 % of
+        its recent frames were not ready in time (the load grew), it rises by a frame; when the server's
+        measured budget at the current load is a frame or more below its own (the load fell) and the
+        avatar is silent (a jump is not seen), it comes down to it. At most once per window."""
+        if self.budget_fn is None or not self.started:
+            return
+        self._late.append(late)
+        now = self.clock.now()
+        if now - self._budget_changed < BUDGET_WINDOW_FRAMES / FPS:
+            return
+        if sum(self._late) > len(self._late) * 0.01 + 1:
+            self.set_render_budget(min(self.render_budget + 1 / FPS, BUDGET_MAX_S))
+            logger.info("session %s: frames late, render budget raised to %.0f ms", self.id[:8],
+                        self.render_budget * 1000)
+        elif (len(self._late) == self._late.maxlen and not any(self._late)
+              and index - self._last_voiced > BUDGET_WINDOW_FRAMES):
+            target = self.budget_fn()
+            if target <= self.render_budget - 1 / FPS:
+                self.set_render_budget(max(target, self.render_budget - 2 / FPS))
+                logger.info("session %s: render budget lowered to %.0f ms", self.id[:8], self.render_budget * 1000)
 
     def _sent(self, index: int) -> None:
         """Video frame ``index`` leaves now: record audio-in -> frame-out latency and the A/V offset."""
@@ -412,6 +458,7 @@ class Session:
             "delay_ms": round(self.delay * 1000, 1),
             "lookahead_ms": round(self.lips.latency_s * 1000, 1),
             "render_budget_ms": round(self.render_budget * 1000, 1),
+            "budget_changes": self.stats.budget_changes,
             "frames_sent": v.sent,
             "frames_rendered": self.stats.frames_rendered,
             "frames_repeated": v.repeated,

@@ -429,3 +429,54 @@ def test_render_budget_starts_from_the_renderer_timed_at_start_up(edtalk_weights
 
     budget, fixed_floor = asyncio.run(fixed())
     assert budget == 0.2 and fixed_floor == pytest.approx(0.05 + PRODUCER_TICK_S)
+
+
+def test_session_budget_rises_when_frames_are_late_and_falls_when_the_load_does(edtalk_weights, face_image):
+    """A session whose frames miss their slot raises its render budget (and delay) a frame at a time until they
+    are on time; when the server's measured budget is lower again and the avatar is silent, it comes down."""
+    from edtalk_live.avatar.prepare import prepare_avatar, read_face
+    from edtalk_live.media.weights import find_weights
+    from edtalk_live.realtime.scheduler import FrameScheduler
+
+    w = find_weights(edtalk_weights)
+    model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
+    renderer = create_renderer("torch", model=model, device="cpu")
+    assets = prepare_avatar(renderer, read_face(face_image, align=False, name="face"))
+    slow = {"s": 0.1}
+
+    async def run():
+        scheduler = FrameScheduler(renderer)
+        await scheduler.start()
+        session = Session("2" * 32, renderer, scheduler, assets, SessionOptions(avatar="face", pose="still"), {},
+                          render_budget=0.08, jitter_margin=0.03, budget_fn=lambda: 0.08)
+        original = scheduler.render
+
+        async def loaded(avatar, lip, pose, **kw):      # a busy device: each frame takes 100 ms more
+            await asyncio.sleep(slow["s"])
+            return await original(avatar, lip, pose, **kw)
+
+        scheduler.render = loaded
+        session.start()
+
+        async def viewer():                               # what aiortc does with the video track
+            while True:
+                await session.video.recv()
+
+        pulling = asyncio.create_task(viewer())
+        await asyncio.sleep(6.0)
+        raised, changes = session.render_budget, session.stats.budget_changes
+        late_before = session.video.stats.repeated
+        await asyncio.sleep(2.0)
+        late_after = session.video.stats.repeated - late_before
+        slow["s"] = 0.0                                   # the load is gone
+        await asyncio.sleep(8.0)
+        lowered = session.render_budget
+        pulling.cancel()
+        await session.close()
+        await scheduler.stop()
+        return raised, changes, late_after, lowered
+
+    raised, changes, late_after, lowered = asyncio.run(run())
+    assert raised >= 0.08 + 0.1 and changes >= 2
+    assert late_after <= 2, "after rising, the frames are on time"
+    assert lowered < raised and lowered >= 0.08
