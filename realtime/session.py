@@ -55,8 +55,10 @@ logger = logging.getLogger(__name__)
 
 #: the producer's period: every session feeds its new audio to the lip sync and pops final frames on this grid
 PRODUCER_TICK_S = 0.02
-#: a session judges its render budget over this many recent frames (2 s), and changes it at most this often
-BUDGET_WINDOW_FRAMES = 50
+#: a session judges its render budget over this many recent frames (4 s), and changes it at most this often
+BUDGET_WINDOW_FRAMES = 100
+#: more late frames than this in the window raise it (a frame or two late at a start or a hiccup do not)
+BUDGET_LATE_FRAMES = 2
 #: the most a session's render budget rises to
 BUDGET_MAX_S = 1.0
 
@@ -363,8 +365,9 @@ class Session:
         self.stats.budget_changes += 1
 
     def _adapt_budget(self, index: int, late: bool) -> None:
-        """A session keeps the budget it started with while its frames are on time. When more than 1 % of
-        its recent frames were not ready in time (the load grew), it rises by a frame; when the server's
+        """A session keeps the budget it started with while its frames are on time. When more than
+        :data:`BUDGET_LATE_FRAMES` of its last :data:`BUDGET_WINDOW_FRAMES` were not ready in time (the load
+        grew), it rises by a frame; when the server's
         measured budget at the current load is a frame or more below its own (the load fell) and the
         avatar is silent (a jump is not seen), it comes down to it. At most once per window."""
         if self.budget_fn is None or not self.started:
@@ -373,7 +376,7 @@ class Session:
         now = self.clock.now()
         if now - self._budget_changed < BUDGET_WINDOW_FRAMES / FPS:
             return
-        if sum(self._late) > len(self._late) * 0.01 + 1:
+        if len(self._late) == self._late.maxlen and sum(self._late) > BUDGET_LATE_FRAMES:
             self.set_render_budget(min(self.render_budget + 1 / FPS, BUDGET_MAX_S))
             logger.info("session %s: frames late, render budget raised to %.0f ms", self.id[:8],
                         self.render_budget * 1000)

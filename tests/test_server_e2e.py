@@ -442,16 +442,17 @@ def test_session_budget_rises_when_frames_are_late_and_falls_when_the_load_does(
     model = edtalk.load_model(w.gen, audio2lip=w.audio2lip)
     renderer = create_renderer("torch", model=model, device="cpu")
     assets = prepare_avatar(renderer, read_face(face_image, align=False, name="face"))
-    slow = {"s": 0.1}
+    slow = {"s": 0.06}
 
     async def run():
         scheduler = FrameScheduler(renderer)
         await scheduler.start()
         session = Session("2" * 32, renderer, scheduler, assets, SessionOptions(avatar="face", pose="still"), {},
-                          render_budget=0.08, jitter_margin=0.03, budget_fn=lambda: 0.08)
+                          render_budget=0.08, jitter_margin=0.03,
+                          budget_fn=lambda: 0.08 if slow["s"] == 0 else 0.2)   # what the server would measure
         original = scheduler.render
 
-        async def loaded(avatar, lip, pose, **kw):      # a busy device: each frame takes 100 ms more
+        async def loaded(avatar, lip, pose, **kw):      # a busy device: each frame takes 60 ms more
             await asyncio.sleep(slow["s"])
             return await original(avatar, lip, pose, **kw)
 
@@ -463,13 +464,13 @@ def test_session_budget_rises_when_frames_are_late_and_falls_when_the_load_does(
                 await session.video.recv()
 
         pulling = asyncio.create_task(viewer())
-        await asyncio.sleep(6.0)
+        await asyncio.sleep(12.0)
         raised, changes = session.render_budget, session.stats.budget_changes
         late_before = session.video.stats.repeated
         await asyncio.sleep(2.0)
         late_after = session.video.stats.repeated - late_before
         slow["s"] = 0.0                                   # the load is gone
-        await asyncio.sleep(8.0)
+        await asyncio.sleep(9.0)
         lowered = session.render_budget
         pulling.cancel()
         await session.close()
@@ -477,6 +478,6 @@ def test_session_budget_rises_when_frames_are_late_and_falls_when_the_load_does(
         return raised, changes, late_after, lowered
 
     raised, changes, late_after, lowered = asyncio.run(run())
-    assert raised >= 0.08 + 0.1 and changes >= 2
+    assert raised >= 0.08 + 0.06 and changes >= 2
     assert late_after <= 2, "after rising, the frames are on time"
     assert lowered < raised and lowered >= 0.08
