@@ -522,13 +522,22 @@ async def run_level(url: str, n: int, audio: np.ndarray, options: dict[str, Any]
             measures.append(SessionMeasure(error=f"{type(r).__name__}: {r}"))
         else:
             m = analyse_session(r, audio)
-            if spy is not None and r.session in spy.landed and r.send_start is not None:
-                m.audio_in_ms = (spy.landed[r.session] - r.send_start) * 1000
+            landed = spy.landed.get(r.session) if spy is not None else None
+            if landed is None and _loopback(url):     # the server's own report: the same host, the same clock
+                landed = (r.stats or {}).get("first_audio_wall_s")
+            if landed is not None and r.send_start is not None:
+                m.audio_in_ms = (landed - r.send_start) * 1000
             measures.append(m)
     for m in measures:
         if m.error:
             logger.warning("%d sessions: session %s: %s", n, m.session[:8] or "?", m.error)
     return LevelResult(n, measures, wall_s=wall, load=_load())
+
+
+def _loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
 
 def _load() -> str:
@@ -703,7 +712,7 @@ Target: ≤ {target:.0f} ms at 25 fps with the renderer keeping up.
 cross-correlation; lowest normalised correlation over sessions: {corr}).
 - audio in: client → server, from the moment the client's first audio sample was sent to the moment the \
 server placed it on its session clock (Opus, transport, the server's aiortc audio jitter buffer; median over \
-sessions; measured only when the server runs in this process). The rest of video latency − (server delay − \
+sessions; measured when the server runs in this process or on this host). The rest of video latency − (server delay − \
 40 ms) is server → client video: VP8 encode, transport, the client's jitter buffer and decode.
 - A/V offset: a frame's arrival minus the arrival of the voice packet carrying the first sample of its audio \
 (positive = video late), both as aiortc hands them to the application.

@@ -78,6 +78,7 @@ class SessionStats:
     latency_sum_ms: float = 0.0
     latency_count: int = 0
     budget_changes: int = 0      # the render budget (and the output delay) changed mid-session
+    first_audio_wall: float | None = None   # time.time() at which the first audio sample's slot on the clock came
 
     def note_latency(self, ms: float) -> None:
         self.latency_ms.append(ms)
@@ -219,7 +220,10 @@ class Session:
         now = self.clock.now()
         self._last_audio = now
         self.stats.audio_frames += 1
+        first = not self.audio.anchored
         self.audio.push(frame, arrival_pos=int(now * RATE))
+        if first and self.audio.anchored:   # the wall-clock moment of the first sample's place on the clock
+            self.stats.first_audio_wall = time.time() + self.audio.anchor_pos / RATE - now
         self._arrivals.append((self.audio.cursor, now))
 
     def push_samples(self, samples: np.ndarray, pos: int | None = None) -> None:
@@ -462,6 +466,9 @@ class Session:
             "lookahead_ms": round(self.lips.latency_s * 1000, 1),
             "render_budget_ms": round(self.render_budget * 1000, 1),
             "budget_changes": self.stats.budget_changes,
+            # wall clock (Unix seconds) of the first audio sample's place on the session clock: a client on the
+            # same host subtracts the moment it sent that sample to get the incoming-audio delay
+            "first_audio_wall_s": self.stats.first_audio_wall,
             "frames_sent": v.sent,
             "frames_rendered": self.stats.frames_rendered,
             "frames_repeated": v.repeated,
