@@ -431,7 +431,10 @@ def summarise(level: LevelResult, render_budget_ms: float | None) -> dict[str, A
         "unavoidable_ms": needed,
         "added_ms_p95": None if p95 is None or needed is None else p95 - needed,
         "voice_latency_ms_p50": _pct(voice, 50),
-        "audio_in_ms_p50": _pct([m.audio_in_ms for m in ok if m.audio_in_ms is not None], 50),
+        "audio_in_ms_p50": (audio_in := _pct([m.audio_in_ms for m in ok if m.audio_in_ms is not None], 50)),
+        # what is left of the median video latency: VP8, transport, the client's jitter buffer and decode
+        "video_out_ms_p50": (None if audio_in is None or delay is None or not video
+                             else _pct(video, 50) - (delay - FRAME_MS) - audio_in),
         "av_offset_ms_p50": _pct(offset, 50),
         "av_offset_ms_max_abs": max((abs(x) for x in offset), default=None),
         "voice_correlation_min": min((m.voice_correlation for m in ok if m.voice_blocks), default=None),
@@ -678,7 +681,7 @@ def _f(x: float | None, digits: int = 0) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["sessions", "video latency p50 (ms)", "video latency p95 (ms)", "server delay (ms)", "look-ahead (ms)",
             "render budget (ms)", "unavoidable (ms)", "added p95 (ms)", "voice latency p50 (ms)", "audio in (ms)",
-            "A/V offset p50 (ms)",
+            "video out (ms)", "A/V offset p50 (ms)",
             "max \\|A/V\\| (ms)", "fps received (mean / min)", "frames measured", "frames lost", "server p95 (ms)",
             "dropped / repeated / skipped", "renderer kept up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * (len(head) - 1) + ["---"]) + "|"]
@@ -690,7 +693,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             n, _f(r["video_latency_ms_p50"]), _f(r["video_latency_ms_p95"]), _f(r["delay_ms"]), _f(r["lookahead_ms"]),
             _f(r["render_budget_ms"]), _f(r["unavoidable_ms"]), _f(r["added_ms_p95"]), _f(r["voice_latency_ms_p50"]),
-            _f(r["audio_in_ms_p50"]),
+            _f(r["audio_in_ms_p50"]), _f(r["video_out_ms_p50"]),
             _f(r["av_offset_ms_p50"]), _f(r["av_offset_ms_max_abs"]), fps,
             f"{100 * r['frames_measured']:.0f} %", lost, _f(r["server_latency_ms_p95_max"]),
             f"{r['frames_dropped']} / {r['frames_repeated']} / {r['frames_skipped']}", kept]) + " |")
@@ -712,8 +715,9 @@ Target: ≤ {target:.0f} ms at 25 fps with the renderer keeping up.
 cross-correlation; lowest normalised correlation over sessions: {corr}).
 - audio in: client → server, from the moment the client's first audio sample was sent to the moment the \
 server placed it on its session clock (Opus, transport, the server's aiortc audio jitter buffer; median over \
-sessions; measured when the server runs in this process or on this host). The rest of video latency − (server delay − \
-40 ms) is server → client video: VP8 encode, transport, the client's jitter buffer and decode.
+sessions; measured when the server runs in this process or on this host).
+- video out: the rest of the median video latency, video latency − (server delay − 40 ms) − audio in: server → client \
+video (VP8 encode, transport, the client's jitter buffer and decode).
 - A/V offset: a frame's arrival minus the arrival of the voice packet carrying the first sample of its audio \
 (positive = video late), both as aiortc hands them to the application.
 - fps received: frames over their arrival span, per session; frames measured: frames showing the sent audio that \
