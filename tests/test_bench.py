@@ -301,3 +301,13 @@ def test_compare_refuses_a_file_that_is_not_a_run(tmp_path, capsys):
         fps.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert e.value.code == 2
     assert "b.json is not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_output_into_a_missing_folder_is_a_usage_error_before_measuring(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        fps.main([*FAST, option, str(tmp_path / "missing" / "out")])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert f"{option} " in captured.err and "does not exist" in captured.err
+    assert "Per-frame" not in captured.out
