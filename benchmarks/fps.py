@@ -1,10 +1,16 @@
-"""Frames per second of the per-frame path, per backend and batch size, against the published per-frame path.
+"""Benchmark this machine: frames per second of the per-frame path per backend and batch size, against
+the published per-frame path, then the whole pipeline (offline render throughput).
 
-    python -m benchmarks.fps --configs official,test --batches 1,4,16,64      # also: edtalk-live bench
+    edtalk-live bench --configs official,test --batches 1,4,16,64 --json run.json --plot fps.png
+    edtalk-live bench --compare before.json after.json
+    python -m edtalk_live.benchmarks.fps ...         # the same program, the same options
 
-For each model config (``official``: 256², the published widths; ``test``: 64², the widths of the
-parity fixtures) a model with seeded random weights is built (speed does not depend on the weight
-values), one identity image is encoded and one expression applied *once*, and then
+Models (``--configs``): ``official`` (256², the published widths) and ``test`` (64², the widths of the
+parity fixtures) with seeded random weights (speed does not depend on the weight values), and
+``weights``, the user's own model: ``--weights DIR``, by default the weights folder when it holds
+weights. Every model goes through the loaders of ``render`` and ``serve`` (random weights are written
+as an official weights folder first) and the report says which it was: family, size, widths, weights
+hash. For each, one identity image is encoded and one expression applied *once*, and then
 ``Renderer.render(avatar, lip, pose)`` is timed for every batch size: the decoder, the conversion to
 ``uint8 [B,S,S,3]`` and the copy back to the host, i.e. exactly what the server pays per frame.
 
@@ -22,22 +28,33 @@ pose frame (pose coefficients are given here), so its ratios are a lower bound. 
 reference and our path are compared on one frame on the CPU in fp32; at the small configs they must
 agree to 1e-3 or the benchmark stops.
 
+Then the whole pipeline (:mod:`benchmarks.pipeline`), one row per model: the offline render's
+throughput (``edtalk-live render``'s own code, audio seconds rendered per second), with the backend
+and batch of the model's fastest per-frame cell (``--no-render`` skips it).
+
 The ONNX Runtime (and TensorRT) backends export the model into the usual cache
-(``$EDTALK_LIVE_CACHE`` or ``~/.cache/edtalk-live``, key ``random-<weights hash>``) on the first
-run; later runs reuse it. The table is Markdown, printed on stdout; progress goes to stderr.
+(``$EDTALK_LIVE_CACHE`` or ``~/.cache/edtalk-live``, key: the model's weights hash) on the first
+run; later runs reuse it, and so does the render. The tables are Markdown, printed on stdout;
+progress goes to stderr. ``--json`` writes the run with the machine, the versions and the command,
+``--plot`` draws it (:mod:`benchmarks.plot`), ``--compare`` sets two runs side by side
+(:mod:`benchmarks.compare`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
 import json
 import logging
 import math
 import os
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,9 +70,11 @@ from edtalk_live.edtalk.encoder import Encoder
 from edtalk_live.edtalk.generator import Generator
 from edtalk_live.edtalk.layers import Blur, ConvLayer, ModulatedConv2d, ResBlock, StyledConv, ToFlow, ToRGB
 from edtalk_live.edtalk.model import EDTalkModel
+from edtalk_live.edtalk.timing import FRAME_SECONDS
 
-__all__ = ["BenchConfig", "Cell", "build_model", "main", "reference_decoder_forward", "reference_frame",
-           "reference_check"]
+__all__ = ["BenchConfig", "Cell", "ModelInfo", "Results", "build_model", "build_parser", "format_number",
+           "format_ratio", "machine_description", "main", "reference_check", "reference_decoder_forward",
+           "reference_frame", "to_json", "versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +352,7 @@ def _make_torch(device: str, **options):
 
 
 def _export_dir(model: EDTalkModel) -> Path:
-    """The model's ONNX export in the usual cache, exported once (the key is unique to the random weights).
+    """The model's ONNX export in the usual cache, exported once (key: the model's weights hash).
 
     Exported without the exporter's own parity check: with random weights at 256² the decoder is
     chaotic enough that two correct implementations differ by more than its 1e-3 tolerance. Instead
@@ -345,7 +364,7 @@ def _export_dir(model: EDTalkModel) -> Path:
 
     out = cache_dir() / "onnx" / model.weights_id
     if not (out / MANIFEST).is_file():
-        logger.info("exporting ONNX graphs to %s (once per config and seed)", out)
+        logger.info("exporting ONNX graphs to %s (once per model)", out)
         export_model(copy.deepcopy(model), out, verify=False)
     return out
 
@@ -529,7 +548,51 @@ def machine_description() -> dict[str, str]:
     return info
 
 
-def _fmt(x: float) -> str:
+def _git_revision(folder: Path) -> str:
+    """The commit of the git checkout whose top level is ``folder`` (+ " (modified)"), or "" when it is none."""
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", "-C", str(folder), *cmd], capture_output=True, text=True, timeout=20)
+        return done.stdout.strip() if done.returncode == 0 else ""
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != folder:
+            return ""
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short=12", "HEAD") + (" (modified)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions() -> dict[str, str]:
+    """The software measured: edtalk-live (version, git commit of a checkout, where it was imported from),
+    Python, torch (and its CUDA), NumPy, ONNX Runtime and TensorRT when installed."""
+    import importlib.metadata
+    import importlib.util
+
+    import edtalk_live
+
+    try:
+        own = importlib.metadata.version("edtalk-live")
+    except importlib.metadata.PackageNotFoundError:
+        own = "not installed"
+    folder = Path(list(edtalk_live.__path__)[0]).resolve()
+    info = {"edtalk-live": own}
+    revision = _git_revision(folder)
+    if revision:
+        info["git"] = revision
+    info.update({"edtalk_live_path": str(folder), "python": platform.python_version(), "torch": torch.__version__,
+                 "torch_cuda": torch.version.cuda or "none", "numpy": np.__version__})
+    for module in ("onnxruntime", "tensorrt"):
+        if importlib.util.find_spec(module) is not None:
+            try:
+                info[module] = __import__(module).__version__
+            except Exception as e:  # noqa: BLE001 - a broken optional install is reported, not fatal
+                info[module] = f"unusable ({type(e).__name__})"
+    return info
+
+
+def format_number(x: float) -> str:
+    """A number in a table: 3 significant digits below 100, thousands separated above."""
     if x >= 100:
         return f"{x:,.0f}"
     if x >= 10:
@@ -539,7 +602,7 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
-def _ratio(x: float | None) -> str:
+def format_ratio(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}×"
 
 
@@ -547,14 +610,15 @@ def format_table(cells: Sequence[Cell]) -> str:
     head = ["backend", "config", "batch", "ms / batch", "ms / frame", "FPS median", "FPS p10", "FPS p90",
             "× eager", "× reference", "iters", "CPU cores"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    f = format_number
     for c in cells:
         name = "reference (published per-frame path)" if c.backend == REFERENCE_NAME else c.backend
         if not c.ok:
             row = [name, c.config, str(c.batch), f"failed: {c.error}"] + [""] * (len(head) - 4)
         else:
             med = c.median_s * 1e3
-            row = [name, c.config, str(c.batch), _fmt(med), _fmt(med / c.batch), _fmt(c.fps), _fmt(c.fps_p10),
-                   _fmt(c.fps_p90), _ratio(c.x_eager), _ratio(c.x_reference), str(len(c.times)),
+            row = [name, c.config, str(c.batch), f(med), f(med / c.batch), f(c.fps), f(c.fps_p10),
+                   f(c.fps_p90), format_ratio(c.x_eager), format_ratio(c.x_reference), str(len(c.times)),
                    f"{c.cores:.2f}" if c.device == "cpu" else "—"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -574,6 +638,93 @@ def _fill_ratios(cells: Sequence[Cell]) -> None:
         c.x_reference = c.fps / ref.fps if ref is not None else None
 
 
+# ================================================================================================ models
+
+#: the config name of the user's own model (``--weights``)
+WEIGHTS_CONFIG = "weights"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model a config measured: what the report and the JSON say about it."""
+
+    config: str                  # official, test, tiny or weights
+    source: str                  # "seeded random weights (seed 0)" or the generator file
+    family: str
+    size: int
+    widths: tuple[int, ...]
+    style_dim: int
+    weights_hash: str            # the model's weights_id: the generator's hash, then Audio2Lip's (the export cache key)
+
+    @classmethod
+    def of(cls, config: str, source: str, model: EDTalkModel) -> ModelInfo:
+        c = model.config
+        return cls(config, source, c.family, c.size, tuple(c.widths), c.style_dim, model.weights_id)
+
+    def describe(self) -> str:
+        widths = ", ".join(map(str, self.widths))
+        return (f"`{self.config}`: {self.source}; family {self.family}, {self.size}², widths ({widths}), "
+                f"style {self.style_dim}, weights hash {self.weights_hash}")
+
+
+@dataclass
+class Measured:
+    """A model to measure: loaded from ``folder``, the folder ``edtalk-live render --weights`` is given."""
+
+    model: EDTalkModel
+    folder: Path
+    info: ModelInfo
+
+
+def _user_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Measured | None:
+    """The user's model: ``--weights DIR``, else the weights folder when it holds weights; None without one.
+
+    Loaded before anything is timed, with the loaders of ``render`` and ``serve``, so that a wrong
+    folder or a damaged file is a usage error at once.
+    """
+    from edtalk_live.edtalk.errors import EDTalkError
+    from edtalk_live.edtalk.model import load_model
+    from edtalk_live.media.weights import default_weights_dir, find_weights
+
+    wanted = WEIGHTS_CONFIG in args.configs
+    if args.no_weights:
+        if wanted or args.weights is not None:
+            parser.error("--no-weights cannot be combined with --weights or --configs weights")
+        return None
+    try:
+        files = find_weights(args.weights)
+    except EDTalkError as e:
+        if args.weights is None and not wanted:
+            logger.info("no model of your own measured (%s); --weights DIR measures one", e)
+            return None
+        parser.error(str(e))
+    folder = Path(args.weights).expanduser() if args.weights is not None else default_weights_dir()
+    try:
+        model = load_model(files.gen, audio2lip=files.audio2lip)
+    except EDTalkError as e:
+        parser.error(str(e))
+    source = str(files.gen) + (f" + {files.audio2lip.name}" if files.audio2lip else " (no Audio2Lip.pt)")
+    info = ModelInfo.of(WEIGHTS_CONFIG, source, model)
+    logger.info("your model: %s", info.describe())
+    return Measured(model, folder, info)
+
+
+def _random_model(cname: str, args: argparse.Namespace, tmp: Path) -> Measured:
+    """Seeded random weights of config ``cname`` written as an official weights folder, loaded like the user's.
+
+    The same folder then goes to the offline render, so both measure the same model, and ONNX
+    exports are shared (one cache key, the model's ``weights_id``).
+    """
+    from edtalk_live.benchmarks.latency import write_random_weights
+    from edtalk_live.edtalk.model import load_model
+    from edtalk_live.media.weights import find_weights
+
+    folder, _ = write_random_weights(tmp / cname, cname, args.family, args.seed)
+    files = find_weights(folder)
+    model = load_model(files.gen, audio2lip=files.audio2lip)
+    return Measured(model, folder, ModelInfo.of(cname, f"seeded random weights (seed {args.seed})", model))
+
+
 # ================================================================================================ CLI
 
 
@@ -589,68 +740,98 @@ def _csv(kind: Callable = str):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+PROG = "python -m edtalk_live.benchmarks.fps"
+DEFAULT_RENDER_SECONDS = 4.0
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The benchmark's one parser: ``python -m edtalk_live.benchmarks.fps`` and ``edtalk-live bench`` (``prog``)."""
+    from edtalk_live.benchmarks.latency import positive_ints
+
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.fps",
-        description="Frames per second of the per-frame path (decoder + uint8 + copy back) per backend and batch "
-                    "size, against torch fp32 eager and the published per-frame path. Prints a Markdown table.")
-    p.add_argument("--configs", type=_csv(), default=["official", "test"],
-                   help="model configs: official (256², published widths), test (64², fixture widths) "
-                        "(default: official,test)")
-    p.add_argument("--family", choices=("edtalk", "lip_pose"), default="edtalk",
-                   help="edtalk (with expression, EEM) or lip_pose (default: edtalk)")
-    p.add_argument("--backends", type=_csv(), default=None,
-                   help="torch (CPU fp32 eager), onnxruntime, and with CUDA torch-cuda-fp32 (eager), "
-                        "torch-cuda-fp16 (fp16 + channels-last + CUDA graphs), tensorrt "
-                        "(default: every one available on --device)")
-    p.add_argument("--batches", type=_csv(int), default=[1, 4, 16, 64], help="batch sizes (default: 1,4,16,64)")
-    p.add_argument("--max-batch", type=int, default=None, help="skip batch sizes above this")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the default backends and the reference run (default: cuda when available)")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations per cell, at least (default: 5)")
-    p.add_argument("--min-time", type=float, default=2.0,
-                   help="keep timing a cell for at least this many seconds (default: 2)")
-    p.add_argument("--max-time", type=float, default=30.0,
-                   help="stop timing a cell once its timed iterations took this long, after at least one "
-                        "(default: 30; big CPU batches get one or two iterations)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per cell first (default: 1)")
-    p.add_argument("--no-reference", action="store_true", help="skip timing the published per-frame path")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
-    p.add_argument("--json", metavar="OUT", default=None, help="also write the raw per-iteration times here")
+        prog=prog,
+        description="Benchmark this machine. Frames per second of the per-frame path (decoder + uint8 + copy back) "
+                    "per backend and batch size, against torch fp32 eager and the published per-frame path, for "
+                    "random-weight models of the published size (official) and of the tests (test) and for your "
+                    "own weights; then the whole pipeline: offline render throughput. Prints Markdown tables.")
+    what = p.add_argument_group("what to measure")
+    what.add_argument("--configs", type=_csv(), default=["official", "test"],
+                      help="models: official (256², published widths, random weights), test (64², fixture widths, "
+                           "random weights), weights (your model, see --weights) (default: official,test, plus "
+                           "weights when there are any)")
+    what.add_argument("--weights", metavar="DIR", default=None,
+                      help="your weights folder (EDTalk.pt or EDTalk_lip_pose.pt, Audio2Lip.pt), measured as config "
+                           "'weights' besides the random ones (default: the weights folder, $EDTALK_LIVE_WEIGHTS or "
+                           "~/.cache/edtalk-live/weights, when it holds weights)")
+    what.add_argument("--no-weights", action="store_true", help="do not measure the weights folder's model")
+    what.add_argument("--family", choices=("edtalk", "lip_pose"), default="edtalk",
+                      help="family of the random models: edtalk (with expression, EEM) or lip_pose (default: edtalk)")
+    what.add_argument("--backends", type=_csv(), default=None,
+                      help="torch (CPU fp32 eager), onnxruntime, and with CUDA torch-cuda-fp32 (eager), "
+                           "torch-cuda-fp16 (fp16 + channels-last + CUDA graphs), tensorrt "
+                           "(default: every one available on --device)")
+    what.add_argument("--batches", type=positive_ints, default=[1, 4, 16, 64], help="batch sizes (default: 1,4,16,64)")
+    what.add_argument("--max-batch", type=int, default=None, help="skip batch sizes above this")
+    what.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where the default backends and the reference run (default: cuda when available)")
+    what.add_argument("--no-reference", action="store_true", help="skip timing the published per-frame path")
+    what.add_argument("--no-render", action="store_true",
+                      help="skip the offline render throughput (the whole `edtalk-live render` path per model)")
+    what.add_argument("--render-seconds", type=float, default=DEFAULT_RENDER_SECONDS, metavar="S",
+                      help=f"seconds of speech-like audio rendered per model (default: {DEFAULT_RENDER_SECONDS:g})")
+    timing = p.add_argument_group("timing")
+    timing.add_argument("--iters", type=int, default=5, help="timed iterations per cell, at least (default: 5)")
+    timing.add_argument("--min-time", type=float, default=2.0,
+                        help="keep timing a cell for at least this many seconds (default: 2)")
+    timing.add_argument("--max-time", type=float, default=30.0,
+                        help="stop timing a cell once its timed iterations took this long, after at least one "
+                             "(default: 30; big CPU batches get one or two iterations)")
+    timing.add_argument("--warmup", type=int, default=1, help="untimed calls per cell first (default: 1)")
+    timing.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    timing.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
+    out = p.add_argument_group("results")
+    out.add_argument("--json", metavar="FILE", default=None,
+                     help="also write the results as JSON: machine, versions, command, models, every cell with its "
+                          "per-iteration times, the pipeline rows")
+    out.add_argument("--plot", metavar="FILE.png", default=None,
+                     help="also draw frames/s against batch size per backend, one panel per model, with the "
+                          "published per-frame path and the 25 fps line (needs matplotlib: "
+                          "pip install 'edtalk-live[plot]')")
+    out.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                     help="measure nothing: print the ratios B / A of two runs' --json files, cell by cell "
+                          "(two machines, or before and after a change)")
     return p
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import importlib.util
+
     for c in args.configs:
-        if c not in CONFIGS:
-            p.error(f"unknown config {c!r}; choose from official, test")
-    for b in args.batches:
-        if b < 1:
-            p.error(f"batch sizes must be >= 1, got {b}")
+        if c not in CONFIGS and c != WEIGHTS_CONFIG:
+            p.error(f"unknown config {c!r}; choose from official, test, {WEIGHTS_CONFIG}")
     if args.iters < 1 or args.warmup < 0 or args.min_time < 0 or args.max_time <= 0:
         p.error("--iters must be >= 1, --warmup >= 0, --min-time >= 0, --max-time > 0")
+    if not args.no_render and args.render_seconds < FRAME_SECONDS:
+        p.error(f"--render-seconds must be at least one frame ({FRAME_SECONDS} s); --no-render skips the render")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not Path(path).expanduser().resolve().parent.is_dir():
+            p.error(f"{option} {path}: the folder {Path(path).expanduser().resolve().parent} does not exist")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        from edtalk_live.benchmarks.plot import INSTALL_HINT
+
+        p.error(f"--plot needs matplotlib, which is not installed: {INSTALL_HINT}")
 
 
-def _command_line(argv: Sequence[str] | None) -> str:
+def _command_line(argv: Sequence[str] | None, prog: str = PROG) -> str:
     if argv is None:
         argv = sys.argv[1:]
-    return shlex.join(["python", "-m", "edtalk_live.benchmarks.fps", *argv])
+    return shlex.join([*prog.split(), *argv])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; print the table on stdout. Returns 0 (usage errors exit 2 via argparse)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_start = _load()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    available = variants(device)
+def _backend_names(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str,
+                   available: dict[str, Variant]) -> list[str]:
     if args.backends is None:
         names = default_backends(device, available)
     else:
@@ -668,44 +849,122 @@ def main(argv: Sequence[str] | None = None) -> int:
         if BASELINE[dev] not in names:
             logger.info("adding %s: the fp32 eager baseline for %s", BASELINE[dev], dev)
             names.insert(0, BASELINE[dev])
+    return names
+
+
+@dataclass
+class Results:
+    """Everything one run measured."""
+
+    cells: list[Cell] = field(default_factory=list)
+    checks: dict[str, float] = field(default_factory=dict)               # config -> |reference - ours|
+    labels: dict[str, str] = field(default_factory=dict)                 # backend -> what it is
+    diffs: dict[str, dict[str, float]] = field(default_factory=dict)     # backend -> config -> |x - torch fp32|
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    pipeline: list = field(default_factory=list)                         # benchmarks.pipeline.PipelineRow
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Run the benchmark; print the tables on stdout. Returns 0 (usage errors exit 2 via argparse).
+
+    ``prog`` is how the command was called (``edtalk-live bench`` runs this with its own name), for
+    the help and the command line the report shows.
+    """
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.compare:
+        from edtalk_live.benchmarks.compare import compare_files
+
+        try:
+            print(compare_files(*args.compare))
+        except ValueError as e:
+            parser.error(str(e))
+        return 0
+    _check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = _load()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    available = variants(device)
+    names = _backend_names(parser, args, device, available)
     batches = sorted(b for b in dict.fromkeys(args.batches) if args.max_batch is None or b <= args.max_batch)
     if not batches:
         parser.error("no batch size left under --max-batch")
+    user = _user_model(parser, args)
+    configs = list(dict.fromkeys(args.configs))
+    if user is None:
+        configs = [c for c in configs if c != WEIGHTS_CONFIG]
+    elif WEIGHTS_CONFIG not in configs:
+        configs.append(WEIGHTS_CONFIG)
 
-    cells: list[Cell] = []
-    checks: dict[str, float] = {}
-    labels: dict[str, str] = {}
-    diffs: dict[str, dict[str, float]] = {}     # backend -> config -> max abs difference to torch fp32 (CPU)
-    for cname in args.configs:
-        bench = CONFIGS[cname]
-        cfg = bench.model_config(args.family)
-        logger.info("config %s: family=%s size=%d widths=%s", cname, cfg.family, cfg.size, cfg.widths)
-        model = build_model(cfg, args.seed)
-        inputs = make_inputs(cfg, max(batches), args.seed + 1)
+    res = Results()
+    with tempfile.TemporaryDirectory(prefix="edtalk-bench-") as tmp:
+        for cname in configs:
+            if cname == WEIGHTS_CONFIG:
+                measured, user = user, None
+            else:
+                measured = _random_model(cname, args, Path(tmp))
+            res.models[cname] = measured.info
+            logger.info("config %s", measured.info.describe())
+            _measure_config(cname, measured.model, names, available, batches, args, device, res)
+            measured.model = None     # free it before the render loads its own copy
+            if not args.no_render:
+                res.pipeline.append(_render_row(cname, measured, res.cells, args))
+            if cname != WEIGHTS_CONFIG:
+                shutil.rmtree(measured.folder, ignore_errors=True)
 
-        err, ours = reference_check(model, inputs)
-        checks[cname] = err
-        logger.info("config %s: reference vs ours, max abs difference %.2e", cname, err)
-        if cname in CHECKED_CONFIGS and not err < REFERENCE_TOL:
-            raise AssertionError(f"reference and our per-frame path differ by {err:.3e} at config {cname} "
-                                 f"(tolerance {REFERENCE_TOL:.0e}): the comparison would not be fair")
-
-        if not args.no_reference:
-            cells.append(_time_reference(model, inputs, cname, device, args))
-        for name in names:
-            cells.extend(_time_backend(available[name], model, inputs, ours, bench, batches, args, labels, diffs))
-        del model
-
-    _fill_ratios(cells)
-    out = _report(cells, checks, labels, diffs, args, argv, load_start)
-    print(out)
+    _fill_ratios(res.cells)
+    command, machine, software = _command_line(argv, prog), machine_description(), versions()
+    print(_report(res, args, command, machine, software, load_start))
     if args.json:
-        data = {"machine": machine_description(), "command": _command_line(argv), "family": args.family,
-                "reference_check": checks, "backends": labels, "max_abs_diff_to_torch_fp32": diffs,
-                "cells": [c.to_dict() for c in cells]}
-        Path(args.json).write_text(json.dumps(data, indent=2))
+        Path(args.json).write_text(json.dumps(to_json(res, args, command, machine, software), indent=2))
         logger.info("wrote %s", args.json)
+    if args.plot:
+        from edtalk_live.benchmarks.plot import plot_fps
+
+        plot_fps(res.cells, res.models, args.plot, title=f"{_machine_line(machine)}\n{_versions_line(software)}")
+        logger.info("wrote %s", args.plot)
     return 0
+
+
+def to_json(res: Results, args: argparse.Namespace, command: str, machine: dict[str, str],
+            software: dict[str, str]) -> dict:
+    """The run as JSON: when, machine, versions, command, options, models, per-frame cells, pipeline rows."""
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine,
+            "versions": software, "command": command, "options": vars(args), "family": args.family,
+            "models": {c: asdict(m) for c, m in res.models.items()}, "reference_check": res.checks,
+            "backends": res.labels, "max_abs_diff_to_torch_fp32": res.diffs,
+            "cells": [c.to_dict() for c in res.cells], "pipeline": [r.to_dict() for r in res.pipeline]}
+
+
+def _measure_config(cname: str, model: EDTalkModel, names: Sequence[str], available: dict[str, Variant],
+                    batches: Sequence[int], args: argparse.Namespace, device: str, res: Results) -> None:
+    """The per-frame cells of one model: the reference, then every backend at every batch size."""
+    inputs = make_inputs(model.config, max(batches), args.seed + 1)
+    err, ours = reference_check(model, inputs)
+    res.checks[cname] = err
+    logger.info("config %s: reference vs ours, max abs difference %.2e", cname, err)
+    if cname in CHECKED_CONFIGS and not err < REFERENCE_TOL:
+        raise AssertionError(f"reference and our per-frame path differ by {err:.3e} at config {cname} "
+                             f"(tolerance {REFERENCE_TOL:.0e}): the comparison would not be fair")
+    if not args.no_reference:
+        res.cells.append(_time_reference(model, inputs, cname, device, args))
+    for name in names:
+        res.cells.extend(_time_backend(available[name], model, inputs, ours, cname, batches, args, res.labels,
+                                       res.diffs))
+
+
+def _render_row(cname: str, measured: Measured, cells: Sequence[Cell], args: argparse.Namespace):
+    """Offline render throughput of one model, with the backend and batch of its fastest per-frame cell."""
+    from edtalk_live.benchmarks import pipeline
+
+    what = f"offline render, {cname} {measured.info.size}²"
+    cell = pipeline.best_render_cell(cells, cname)
+    if cell is None:
+        return pipeline.PipelineRow(what, "—", 0, None, pipeline.RENDER_UNIT, error="no backend that `render` runs "
+                                    f"was measured ({', '.join(pipeline.RENDER_BACKENDS)})")
+    return pipeline.render_throughput(measured.folder, what, cell, args.render_seconds, args.seed)
 
 
 def _time_reference(model: EDTalkModel, inputs: Inputs, cname: str, device: str,
@@ -732,10 +991,10 @@ def _time_reference(model: EDTalkModel, inputs: Inputs, cname: str, device: str,
     return cell
 
 
-def _time_backend(variant: Variant, model: EDTalkModel, inputs: Inputs, ours: torch.Tensor, bench: BenchConfig,
+def _time_backend(variant: Variant, model: EDTalkModel, inputs: Inputs, ours: torch.Tensor, cname: str,
                   batches: Sequence[int], args: argparse.Namespace, labels: dict[str, str],
                   diffs: dict[str, dict[str, float]]) -> list[Cell]:
-    logger.info("%s | %s: preparing (export and engine build on first use)", bench.name, variant.name)
+    logger.info("%s | %s: preparing (export and engine build on first use)", cname, variant.name)
     renderer = variant.make(model, args)
     try:
         labels[variant.name] = renderer.describe()
@@ -743,11 +1002,11 @@ def _time_backend(variant: Variant, model: EDTalkModel, inputs: Inputs, ours: to
             labels[variant.name] += ", cuDNN TF32 convolutions (the torch default)"
         avatar = renderer.prepare_expression(renderer.prepare_source(inputs.image), inputs.exp)
         raw = renderer.render(avatar, inputs.lip[:1], inputs.pose[:1], raw=True)
-        diffs.setdefault(variant.name, {})[bench.name] = float(np.abs(raw.astype(np.float32) - ours.numpy()).max())
+        diffs.setdefault(variant.name, {})[cname] = float(np.abs(raw.astype(np.float32) - ours.numpy()).max())
         cells = []
         for b in batches:
-            cell = Cell(variant.name, bench.name, b, variant.device)
-            what = f"{bench.name} | {variant.name} | batch {b}"
+            cell = Cell(variant.name, cname, b, variant.device)
+            what = f"{cname} | {variant.name} | batch {b}"
             lip, pose = inputs.lip[:b], inputs.pose[:b]
             try:
                 cell.times, cell.cores = time_calls(lambda lip=lip, pose=pose: renderer.render(avatar, lip, pose),
@@ -766,31 +1025,50 @@ def _time_backend(variant: Variant, model: EDTalkModel, inputs: Inputs, ours: to
         renderer.close()
 
 
-def _report(cells: Sequence[Cell], checks: dict[str, float], labels: dict[str, str],
-            diffs: dict[str, dict[str, float]], args: argparse.Namespace, argv: Sequence[str] | None,
+def _machine_line(m: dict[str, str], load_start: str = "") -> str:
+    """The machine in one line: CPU, memory, GPU, torch threads and, when known, the load average."""
+    line = (f"{m.get('cpu', '?')}, {m.get('memory', '?')} RAM; GPU: {m.get('gpu', 'none')}; "
+            f"torch threads {m.get('torch_threads', '?')}")
+    if "load" in m and load_start:   # other work on the machine distorts CPU numbers: show it
+        line += f"; load average (1, 5, 15 min) {load_start} at the start, {m['load']} at the end"
+    return line
+
+
+def _versions_line(v: dict[str, str]) -> str:
+    own = f"edtalk-live {v.get('edtalk-live', '?')}" + (f" (git {v['git']})" if "git" in v else "")
+    parts = [own, f"Python {v.get('python', '?')}", f"torch {v.get('torch', '?')}", f"NumPy {v.get('numpy', '?')}"]
+    parts += [f"{k} {v[k]}" for k in ("onnxruntime", "tensorrt") if k in v]
+    return ", ".join(parts)
+
+
+def _report(res: Results, args: argparse.Namespace, command: str, machine: dict[str, str], software: dict[str, str],
             load_start: str = "") -> str:
-    m = machine_description()
-    machine = f"{m['cpu']}, {m.get('memory', '?')} RAM; torch {m['torch']} ({m['torch_threads']} threads)"
-    if "onnxruntime" in m:
-        machine += f"; onnxruntime {m['onnxruntime']}"
-    machine += f"; GPU: {m.get('gpu', 'none')}"
-    if "load" in m:   # other work on the machine distorts CPU numbers: show it
-        machine += f"; load average (1, 5, 15 min) {load_start or '?'} at the start, {m['load']} at the end"
-    lines = [f"Machine: {machine}", "", f"Command: `{_command_line(argv)}` (family {args.family})", "",
-             format_table(cells), ""]
-    for name, desc in labels.items():
-        d = ", ".join(f"{c} {e:.1e}" for c, e in diffs.get(name, {}).items())
+    from edtalk_live.benchmarks.pipeline import format_pipeline
+
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"Machine: {_machine_line(machine, load_start or '?')}", f"Versions: {_versions_line(software)}", "",
+             f"Command: `{command}` ({date})", "", "Models:"]
+    lines += [f"- {m.describe()}" for m in res.models.values()]
+    lines += ["", "Per-frame path (decoder + uint8 + copy back), frames per second:", "", format_table(res.cells), ""]
+    for name, desc in res.labels.items():
+        d = ", ".join(f"{c} {e:.1e}" for c, e in res.diffs.get(name, {}).items())
         lines.append(f"- `{name}`: {desc}; one raw frame vs torch fp32 on the CPU, max abs difference: {d}")
-    lines.append("- reference: the published per-frame path (re-encode the source, QR of the bases, EEM, grouped "
-                 "modulated convolutions) on the same weights, batch 1")
+    if not args.no_reference:
+        lines.append("- reference: the published per-frame path (re-encode the source, QR of the bases, EEM, grouped "
+                     "modulated convolutions) on the same weights, batch 1")
     lines.append("")
-    if any(c.ok and c.device == "cpu" for c in cells):
+    if any(c.ok and c.device == "cpu" for c in res.cells):
         lines.append(f"CPU cores: process CPU time over wall time while timing a CPU cell (torch threads: "
                      f"{torch.get_num_threads()}); well below that, other work competed for the CPU.")
-    for cname, err in checks.items():
+    for cname, err in res.checks.items():
         status = ("passed" if err < REFERENCE_TOL else "FAILED") if cname in CHECKED_CONFIGS else "not asserted"
         lines.append(f"Reference check ({cname}): max |reference − ours| = {err:.2e} on one raw frame "
                      f"(CPU fp32, tolerance {REFERENCE_TOL:.0e}): {status}")
+    if res.pipeline:
+        lines += ["", "Whole pipeline:", "", format_pipeline(res.pipeline), "",
+                  "- offline render: `edtalk-live render`'s own code on speech-like audio and the built-in portrait, "
+                  "with the backend and batch of the model's fastest per-frame cell; audio seconds rendered per "
+                  "second, from loading the weights to the finished mp4 (H.264 + AAC), after one short untimed render"]
     return "\n".join(lines)
 
 

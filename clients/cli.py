@@ -21,6 +21,7 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
+PROG = "edtalk-live"
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
 WEIGHTS_HELP = ("folder with EDTalk.pt or EDTalk_lip_pose.pt, Audio2Lip.pt, predefined_exp_weights/ (default: "
@@ -31,7 +32,7 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per job."""
     parser = argparse.ArgumentParser(
-        prog="edtalk-live",
+        prog=PROG,
         description="Talking-face video from a face image and speech, with EDTalk.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -191,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="measure frames per second of the per-frame path (benchmarks/fps.py)",
-        description="Frames per second of each backend; all arguments go to benchmarks/fps.py (see --help there).",
+        help="benchmark this machine: frames/s per backend and batch, offline render throughput (--help for options)",
+        description="Benchmark this machine; `edtalk-live bench --help` lists the options.",
         add_help=False,
     )
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_run_bench)
+    # the benchmark's own parser reads everything after `bench` (one parser: benchmarks/fps.py's build_parser)
+    bench.set_defaults(run=_run_bench, own_arguments=True)
     return parser
 
 
@@ -271,7 +272,10 @@ def _run_client(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     from edtalk_live.benchmarks.fps import main as bench_main
 
-    return bench_main(args.args)
+    try:
+        return bench_main(args.arguments, prog=f"{PROG} bench")
+    except SystemExit as exc:  # --help, or a usage error argparse has printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def _run_render(args: argparse.Namespace) -> int:
@@ -316,13 +320,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code (0 on success)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        if getattr(args, "own_arguments", False):   # a command with its own parser (bench) gets the rest
+            args.arguments = rest
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as exc:  # argparse has printed usage or help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.verbose == 0:   # the Hub client logs every retry; our own one-line error says what matters
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if not getattr(args, "own_arguments", False):   # bench sets up its own logging, as when run as a module
+        level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if args.verbose == 0:   # the Hub client logs every retry; our own one-line error says what matters
+            logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except EDTalkError as exc:
