@@ -55,7 +55,7 @@ from edtalk_live.benchmarks.latency import (
 )
 from edtalk_live.edtalk.timing import FPS
 
-__all__ = ["Level", "Snapshot", "format_table", "main", "read_metrics", "summarise_level"]
+__all__ = ["LIVE_UNIT", "Level", "Snapshot", "format_table", "live_row", "main", "read_metrics", "summarise_level"]
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +271,54 @@ def format_summary(items: Sequence[dict[str, Any]], idle: dict[str, float]) -> s
         lines.append(f"| {s['config']} | {s['backend']} | {_f(cores, 3)} | "
                      f"{s['held_here']} | {_f(s['cpu_ms_per_session_s'])} | {_f(s['sessions_per_core'], 1)} |")
     return "\n".join(lines)
+
+
+# ================================================================================================ bench
+
+
+LIVE_UNIT = "sessions at 25 fps (≤ 1 % late)"
+
+
+def live_row(weights: Path, avatar: Path | None, what: str, backend: str, sessions: Sequence[int],
+             warmup: float = 2.0, window: float = 5.0, connect_allowance: float = 30.0):
+    """The live path for ``edtalk-live bench``: ``serve`` with this model and backend, sessions ramped through
+    ``sessions`` until a level does not keep up; a :class:`~edtalk_live.benchmarks.pipeline.PipelineRow`
+    with the most sessions that kept up (0 when one did not), the mean batch there, and its CPU cost."""
+    from edtalk_live.benchmarks.pipeline import PipelineRow
+
+    row = PipelineRow(what, backend, 0, None, LIVE_UNIT)
+
+    async def ramp() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="edtalk-bench-live-") as tmp:
+            async with server_process(weights, avatar, Path(tmp), backend=backend,
+                                      max_sessions=max(sessions)) as (url, _p, _h, _c):
+                for n in sessions:
+                    await _wait_idle(url)
+                    level = await run_level(url, Level(what, backend, n), warmup, window, connect_allowance, {})
+                    rows.append(summarise_level(level))
+                    logger.info("%s: %d session(s): kept up %s", what, n, rows[-1]["kept_up"])
+                    if not rows[-1]["kept_up"]:
+                        break
+        return rows
+
+    try:
+        rows = asyncio.run(ramp())
+    except (RuntimeError, OSError) as e:
+        row.error = " ".join(str(e).split())[:160]
+        return row
+    kept = [r for r in rows if r["kept_up"]]
+    best = max(kept, key=lambda r: r["sessions"]) if kept else None
+    row.value = float(best["sessions"]) if best else 0.0
+    if best:
+        row.batch = max(1, round(best["mean_batch"]))
+        row.note = (f"{best['cpu_ms_per_session_s']:.0f} ms server CPU per session-second there "
+                    f"({1000 / best['cpu_ms_per_session_s']:.1f} sessions per core); clients on this machine")
+    else:
+        first = rows[0] if rows else {}
+        row.note = (f"{len(sessions) and sessions[0]} session(s): {100 * first.get('late_fraction', 1.0):.0f} % of "
+                    f"frames late, {first.get('fps', 0.0):.1f} fps")
+    return row
 
 
 # ================================================================================================ main

@@ -30,7 +30,11 @@ agree to 1e-3 or the benchmark stops.
 
 Then the whole pipeline (:mod:`benchmarks.pipeline`), one row per model: the offline render's
 throughput (``edtalk-live render``'s own code, audio seconds rendered per second), with the backend
-and batch of the model's fastest per-frame cell (``--no-render`` skips it).
+and batch of the model's fastest per-frame cell (``--no-render`` skips it); and the live path
+(:func:`benchmarks.capacity.live_row`): ``serve`` started with that backend and WebRTC sessions
+ramped through ``--live-sessions`` (each client its own process, on this machine) until a level
+does not keep up; the most sessions at 25 fps with at most 1 % of frames late (``--no-live`` skips
+it).
 
 The ONNX Runtime (and TensorRT) backends export the model into the usual cache
 (``$EDTALK_LIVE_CACHE`` or ``~/.cache/edtalk-live``, key: the model's weights hash) on the first
@@ -777,6 +781,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     what.add_argument("--no-reference", action="store_true", help="skip timing the published per-frame path")
     what.add_argument("--no-render", action="store_true",
                       help="skip the offline render throughput (the whole `edtalk-live render` path per model)")
+    what.add_argument("--no-live", action="store_true",
+                      help="skip the live sessions (the capacity benchmark's ramp of WebRTC sessions against `serve`)")
+    what.add_argument("--live-sessions", type=positive_ints, default=[1, 2, 4], metavar="N,N,...",
+                      help="levels of the live ramp, stopped at the first that does not keep up (default: 1,2,4)")
     what.add_argument("--render-seconds", type=float, default=DEFAULT_RENDER_SECONDS, metavar="S",
                       help=f"seconds of speech-like audio rendered per model (default: {DEFAULT_RENDER_SECONDS:g})")
     timing = p.add_argument_group("timing")
@@ -911,6 +919,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             measured.model = None     # free it before the render loads its own copy
             if not args.no_render:
                 res.pipeline.append(_render_row(cname, measured, res.cells, args))
+            if not args.no_live:
+                res.pipeline.append(_live_row(cname, measured, res.cells, args))
             if cname != WEIGHTS_CONFIG:
                 shutil.rmtree(measured.folder, ignore_errors=True)
 
@@ -965,6 +975,21 @@ def _render_row(cname: str, measured: Measured, cells: Sequence[Cell], args: arg
         return pipeline.PipelineRow(what, "—", 0, None, pipeline.RENDER_UNIT, error="no backend that `render` runs "
                                     f"was measured ({', '.join(pipeline.RENDER_BACKENDS)})")
     return pipeline.render_throughput(measured.folder, what, cell, args.render_seconds, args.seed)
+
+
+def _live_row(cname: str, measured: Measured, cells: Sequence[Cell], args: argparse.Namespace):
+    """Live sessions of one model (the capacity benchmark's ramp), with the backend of its fastest per-frame cell
+    that ``serve`` runs."""
+    from edtalk_live.benchmarks import capacity, pipeline
+
+    what = f"live sessions, {cname} {measured.info.size}²"
+    cell = pipeline.best_render_cell(cells, cname)
+    if cell is None:
+        return pipeline.PipelineRow(what, "—", 0, None, capacity.LIVE_UNIT, error="no backend that `serve` runs "
+                                    f"was measured ({', '.join(pipeline.RENDER_BACKENDS)})")
+    avatar = measured.folder / "avatar.png"
+    return capacity.live_row(measured.folder, avatar if avatar.is_file() else None, what,
+                             pipeline.RENDER_BACKENDS[cell.backend], args.live_sessions)
 
 
 def _time_reference(model: EDTalkModel, inputs: Inputs, cname: str, device: str,
@@ -1068,7 +1093,11 @@ def _report(res: Results, args: argparse.Namespace, command: str, machine: dict[
         lines += ["", "Whole pipeline:", "", format_pipeline(res.pipeline), "",
                   "- offline render: `edtalk-live render`'s own code on speech-like audio and the built-in portrait, "
                   "with the backend and batch of the model's fastest per-frame cell; audio seconds rendered per "
-                  "second, from loading the weights to the finished mp4 (H.264 + AAC), after one short untimed render"]
+                  "second, from loading the weights to the finished mp4 (H.264 + AAC), after one short untimed render",
+                  "- live sessions: `edtalk-live serve` started with the same backend and WebRTC sessions (speech-like "
+                  "audio in real time, each client a process of its own on this machine) ramped through "
+                  "--live-sessions until a level did not keep up; the most sessions that got 25 fps with at most 1 % "
+                  "of frames late, the mean batch there and the server's CPU (benchmarks/capacity.py)"]
     return "\n".join(lines)
 
 

@@ -602,14 +602,16 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
 
 
 @contextlib.asynccontextmanager
-async def server_process(weights: Path, avatar: Path, log_dir: Path, *, backend: str = "auto",
+async def server_process(weights: Path, avatar: Path | None, log_dir: Path, *, backend: str = "auto",
                          max_sessions: int = 8, max_batch: int = 16, render_budget: float | None = None,
                          device: str | None = None, extra: Sequence[str] = ()):
     """``edtalk-live serve --workers 1`` started as its own process on a free port; yields ``(url, process,
-    health, config)`` once it answers, and stops it afterwards. Its log goes to ``log_dir/server.log``."""
+    health, config)`` once it answers, and stops it afterwards. Its log goes to ``log_dir/server.log``. Without
+    ``avatar`` the server shows its built-in portrait."""
     port = _free_port()
     cmd = [sys.executable, "-m", "edtalk_live.clients.cli", "-v",
-           "serve", "--weights", str(weights), "--avatar", str(avatar), "--port", str(port), "--workers", "1",
+           "serve", "--weights", str(weights), *(["--avatar", str(avatar)] if avatar else []), "--port", str(port),
+           "--workers", "1",
            "--backend", backend, "--max-sessions", str(max_sessions), "--max-batch", str(max_batch),
            *(["--render-budget", str(render_budget)] if render_budget is not None else []),
            *(["--device", device] if device else []), *extra]

@@ -19,7 +19,8 @@ import torch
 import edtalk_live
 from edtalk_live.benchmarks import fps
 
-FAST = ["--configs", "tiny", "--iters", "1", "--min-time", "0", "--max-time", "1", "--warmup", "1", "--no-render"]
+FAST = ["--configs", "tiny", "--iters", "1", "--min-time", "0", "--max-time", "1", "--warmup", "1", "--no-render",
+        "--no-live"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -146,11 +147,12 @@ def test_bench_runs_through_the_console_script_with_every_option(tmp_path):
     argv = ["--configs", "tiny", "--family", "lip_pose", "--backends", "torch", "--batches", "1,2,8",
             "--max-batch", "2", "--device", "cpu", "--no-weights", "--no-reference", "--render-seconds", "0.4",
             "--iters", "2", "--min-time", "0", "--max-time", "1", "--warmup", "0", "--threads", "1", "--seed", "3",
-            "--json", str(out_json), "--plot", str(out_png)]
+            "--live-sessions", "1", "--json", str(out_json), "--plot", str(out_png)]
     expected = vars(fps.build_parser().parse_args(argv))
     assert set(expected) == {a.dest for a in fps.build_parser()._actions if a.dest != "help"}
     untouched = {k for k, v in expected.items() if v == fps.build_parser().get_default(k)}
-    assert untouched == {"weights", "compare", "no_render"}       # every other option is given a non-default value
+    # every other option is given a non-default value
+    assert untouched == {"weights", "compare", "no_render", "no_live"}
 
     done = _run([_console_script(), "bench", *argv], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -172,10 +174,15 @@ def test_bench_runs_through_the_console_script_with_every_option(tmp_path):
     cells = {(c["backend"], c["batch"]) for c in data["cells"]}
     assert cells == {("torch", 1), ("torch", 2)}                    # no reference, batch 8 over --max-batch
     assert all(len(c["times"]) >= 2 and c["fps"] > 0 for c in data["cells"])
-    [row] = data["pipeline"]
+    row, live = data["pipeline"]
     assert (row["what"], row["backend"], row["unit"]) == ("offline render, tiny 32²", "torch", "audio s / s")
     assert row["batch"] in (1, 2) and row["value"] > 0 and not row["error"]
     assert "10 frames" in row["note"]                               # 0.4 s at 25 fps
+    # the live path: `serve` with the same backend, one WebRTC session (--live-sessions 1) in its own process
+    assert (live["what"], live["backend"], live["unit"]) == ("live sessions, tiny 32²", "torch",
+                                                             "sessions at 25 fps (≤ 1 % late)")
+    assert live["value"] in (0.0, 1.0) and not live["error"] and live["note"]
+    assert "| live sessions, tiny 32² | torch |" in done.stdout
 
     png = out_png.read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 1000
@@ -214,7 +221,7 @@ def test_weights_folder_is_measured_and_reported(tmp_path, capsys, edtalk_weight
     out_json = tmp_path / "w.json"
     assert fps.main(["--weights", str(edtalk_weights), "--configs", "weights", "--batches", "1", "--backends",
                      "torch", "--no-reference", "--iters", "1", "--min-time", "0", "--max-time", "1",
-                     "--render-seconds", "0.4", "--json", str(out_json)]) == 0
+                     "--render-seconds", "0.4", "--no-live", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert (f"- `weights`: {edtalk_weights / 'EDTalk.pt'} + Audio2Lip.pt; family edtalk, 64², "
             f"widths (64, 64, 64, 32, 16), style 512, weights hash {expected_hash}") in out
