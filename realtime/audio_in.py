@@ -43,22 +43,32 @@ class SampleRing:
             return
         if n > self.capacity:
             samples, pos, n = samples[-self.capacity:], pos + n - self.capacity, self.capacity
-        idx = (pos + np.arange(n)) % self.capacity
-        self._buf[idx] = samples
+        self._put(pos, samples)
         self.end = max(self.end, pos + n)
         self.start = max(self.start, self.end - self.capacity)
 
+    def _spans(self, pos: int, n: int) -> tuple[tuple[int, int, int], ...]:
+        """Where ``n`` (<= capacity) samples from ``pos`` lie in the buffer: (buffer start, buffer end, offset)."""
+        a = pos % self.capacity
+        first = min(n, self.capacity - a)
+        return ((a, a + first, 0),) if first == n else ((a, self.capacity, 0), (0, n - first, first))
+
+    def _put(self, pos: int, samples: np.ndarray) -> None:
+        for lo, hi, off in self._spans(pos, len(samples)):
+            self._buf[lo:hi] = samples[off: off + hi - lo]
+
     def _fill(self, pos: int, n: int) -> None:
         n = min(n, self.capacity)
-        idx = (max(pos, self.end - self.capacity) + np.arange(n)) % self.capacity
-        self._buf[idx] = 0.0
+        for lo, hi, _ in self._spans(max(pos, self.end - self.capacity), n):
+            self._buf[lo:hi] = 0.0
 
     def read(self, pos: int, n: int) -> np.ndarray:
         """Samples ``[pos, pos+n)``; silence where nothing is held."""
         out = np.zeros(n, np.float32)
         lo, hi = max(pos, self.start), min(pos + n, self.end)
         if hi > lo:
-            out[lo - pos: hi - pos] = self._buf[(np.arange(lo, hi)) % self.capacity]
+            for blo, bhi, off in self._spans(lo, hi - lo):
+                out[lo - pos + off: lo - pos + off + bhi - blo] = self._buf[blo:bhi]
         return out
 
     def clear_from(self, pos: int) -> None:
