@@ -13,6 +13,7 @@ import asyncio
 import fractions
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
                      options: dict[str, Any] | None = None, tail: float | None = None,
                      connect_timeout: float = 20.0, keep_frames: bool = False,
                      control: list[tuple[float, dict | str]] | None = None,
-                     record_window: bool = True) -> ClientResult:
+                     record_window: bool = True, token: str | None = None) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
     With ``record_window`` (default) only what the server sends for the sent audio is kept: video and
@@ -189,16 +190,17 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     ``delay`` is the server's output delay (from the answer), so the recording has one frame per 40 ms
     of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists
     ``(seconds after start, message)`` pairs sent on the ``control`` data channel, e.g.
-    ``{"type": "emotion", "name": "happy"}``; every reply is kept in ``ClientResult.replies``.
+    ``{"type": "emotion", "name": "happy"}``; every reply is kept in ``ClientResult.replies``. ``token``
+    is sent as ``Authorization: Bearer <token>`` (a server with a token secret needs it).
     """
     import aiohttp
-    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
     samples = audio if isinstance(audio, np.ndarray) else load_audio(audio, RATE)
     base = server.rstrip("/")
     result = ClientResult(out=Path(out) if out else None, sent_seconds=len(samples) / RATE)
     writer = _Writer(result.out) if result.out else None
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))      # aiortc's default (None) asks a public STUN server
     sender_track = FileAudioTrack(samples)
     pc.addTrack(sender_track)
     pc.addTransceiver("video", direction="recvonly")
@@ -263,7 +265,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
         payload = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, **(options or {})}
         async with aiohttp.ClientSession() as http:
             try:
-                async with http.post(f"{base}/offer", json=payload) as resp:
+                headers = {"Authorization": f"Bearer {token}"} if token else None
+                async with http.post(f"{base}/offer", json=payload, headers=headers) as resp:
                     body = await resp.json(content_type=None)
                     if resp.status != 200:
                         raise EDTalkError(f"server refused the session ({resp.status}): {body.get('error', body)}")
@@ -320,7 +323,8 @@ def main_client(args) -> int:
             options[key] = value
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise InputError(f"output folder does not exist: {Path(args.out).parent}")
-    result = asyncio.run(run_client(args.server, args.audio, args.out, options))
+    token = args.token or os.environ.get("EDTALK_LIVE_TOKEN")
+    result = asyncio.run(run_client(args.server, args.audio, args.out, options, token=token))
     s = result.stats
     print(f"sent {result.sent_seconds:.2f} s of audio; received {result.video_frames} video frames "
           f"{result.size[0]}x{result.size[1]} and {result.audio_samples / max(result.audio_rate, 1):.2f} s of voice"
