@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ class _Writer:
 async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Path | None = None,
                      options: dict[str, Any] | None = None, tail: float | None = None,
                      connect_timeout: float = 20.0, keep_frames: bool = False,
-                     control: list[tuple[float, dict | str]] | None = None,
+                     control: list[tuple[float, dict | str | Callable[[Any], None]]] | None = None,
                      record_window: bool = True, token: str | None = None) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
@@ -190,7 +191,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     ``delay`` is the server's output delay (from the answer), so the recording has one frame per 40 ms
     of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists
     ``(seconds after start, message)`` pairs sent on the ``control`` data channel, e.g.
-    ``{"type": "emotion", "name": "happy"}``; every reply is kept in ``ClientResult.replies``. ``token``
+    ``{"type": "emotion", "name": "happy"}``, or a function called with the channel (tests sending what
+    ``send`` would not); every reply is kept in ``ClientResult.replies``. ``token``
     is sent as ``Authorization: Bearer <token>`` (a server with a token secret needs it).
     """
     import aiohttp
@@ -289,7 +291,10 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
             for at, msg in control:
                 await asyncio.sleep(max(0.0, start + at - time.time()))
                 if channel.readyState == "open":
-                    channel.send(msg if isinstance(msg, str) else json.dumps(msg))
+                    if callable(msg):
+                        msg(channel)
+                    else:
+                        channel.send(msg if isinstance(msg, str) else json.dumps(msg))
         await asyncio.sleep(max(0.0, start + result.sent_seconds - time.time()))
         if channel.readyState == "open":
             channel.send(json.dumps({"type": "stats"}))
