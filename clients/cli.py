@@ -147,7 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--turn-username", help="username for the TURN servers")
     serve.add_argument("--turn-credential", help="credential for the TURN servers")
     serve.add_argument("--udp-ports", metavar="LO-HI", help="UDP port range for media, e.g. 40000-40100")
+    serve.add_argument("--token-secret", metavar="SECRET",
+                       help="HS256 secret (32+ bytes): POST /offer then needs 'Authorization: Bearer <JWT>' "
+                       "(see `edtalk-live token`); default: $EDTALK_LIVE_TOKEN_SECRET, else no token needed")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --host without a token secret (anyone reaching it opens sessions)")
+    serve.add_argument("--offer-rate", type=float, default=1.0, metavar="PER_S",
+                       help="offers a second from one client address, then 429 (1; 0: no limit)")
+    serve.add_argument("--offer-burst", type=int, default=5, metavar="N",
+                       help="offers one client address may send at once before --offer-rate applies (5)")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="web origin allowed to call the server from its pages, e.g. https://app.example.com "
+                       "(repeatable; default: none, only the server's own page)")
     serve.set_defaults(run=_run_serve)
+
+    token = commands.add_parser(
+        "token",
+        help="print a bearer token for a server started with --token-secret",
+        description="Print a JWT (HS256, audience edtalk-live) that POST /offer accepts until it expires. The "
+        "secret comes from --token-secret or $EDTALK_LIVE_TOKEN_SECRET, as serve's.",
+    )
+    token.add_argument("--token-secret", metavar="SECRET", help="the server's secret (default: "
+                       "$EDTALK_LIVE_TOKEN_SECRET)")
+    token.add_argument("--ttl", type=float, default=3600.0, metavar="S", help="seconds the token is valid (3600)")
+    token.add_argument("--subject", help="who the token is for (its sub claim)")
+    token.set_defaults(run=_run_token)
 
     client = commands.add_parser(
         "client",
@@ -160,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--avatar", help="avatar name (see GET /config)")
     client.add_argument("--emotion", help="emotion preset name")
     client.add_argument("--pose", choices=["still", "clip", "idle"], help="pose mode")
+    client.add_argument("--token", help="bearer token for a server with a token secret (default: $EDTALK_LIVE_TOKEN)")
     client.set_defaults(run=_run_client)
 
     prepare = commands.add_parser(
@@ -253,7 +278,13 @@ def _run_weights(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from edtalk_live.realtime.access import check_bind, secret_from_args
     from edtalk_live.realtime.workers import resolve_workers, supervise
+
+    check_bind(args.host, secret_from_args(args), args.insecure)
+    if args.offer_rate < 0 or args.offer_burst < 1:
+        raise EDTalkError(f"--offer-rate must be >= 0 and --offer-burst >= 1, got {args.offer_rate:g} and "
+                          f"{args.offer_burst}")
 
     workers = resolve_workers(args.workers)
     if workers > 1:
@@ -261,6 +292,16 @@ def _run_serve(args: argparse.Namespace) -> int:
     from edtalk_live.realtime.serve import serve
 
     return serve(args)
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    from edtalk_live.realtime.access import TOKEN_SECRET_ENV, make_token, secret_from_args
+
+    secret = secret_from_args(args)
+    if secret is None:
+        raise EDTalkError(f"no secret: give --token-secret or set ${TOKEN_SECRET_ENV}")
+    print(make_token(secret, args.ttl, args.subject))
+    return 0
 
 
 def _run_client(args: argparse.Namespace) -> int:

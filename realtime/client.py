@@ -13,7 +13,9 @@ import asyncio
 import fractions
 import json
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +182,8 @@ class _Writer:
 async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Path | None = None,
                      options: dict[str, Any] | None = None, tail: float | None = None,
                      connect_timeout: float = 20.0, keep_frames: bool = False,
-                     control: list[tuple[float, dict | str]] | None = None,
-                     record_window: bool = True) -> ClientResult:
+                     control: list[tuple[float, dict | str | Callable[[Any], None]]] | None = None,
+                     record_window: bool = True, token: str | None = None) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
     With ``record_window`` (default) only what the server sends for the sent audio is kept: video and
@@ -189,16 +191,18 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     ``delay`` is the server's output delay (from the answer), so the recording has one frame per 40 ms
     of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists
     ``(seconds after start, message)`` pairs sent on the ``control`` data channel, e.g.
-    ``{"type": "emotion", "name": "happy"}``; every reply is kept in ``ClientResult.replies``.
+    ``{"type": "emotion", "name": "happy"}``, or a function called with the channel (tests sending what
+    ``send`` would not); every reply is kept in ``ClientResult.replies``. ``token``
+    is sent as ``Authorization: Bearer <token>`` (a server with a token secret needs it).
     """
     import aiohttp
-    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
     samples = audio if isinstance(audio, np.ndarray) else load_audio(audio, RATE)
     base = server.rstrip("/")
     result = ClientResult(out=Path(out) if out else None, sent_seconds=len(samples) / RATE)
     writer = _Writer(result.out) if result.out else None
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))      # aiortc's default (None) asks a public STUN server
     sender_track = FileAudioTrack(samples)
     pc.addTrack(sender_track)
     pc.addTransceiver("video", direction="recvonly")
@@ -263,7 +267,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
         payload = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, **(options or {})}
         async with aiohttp.ClientSession() as http:
             try:
-                async with http.post(f"{base}/offer", json=payload) as resp:
+                headers = {"Authorization": f"Bearer {token}"} if token else None
+                async with http.post(f"{base}/offer", json=payload, headers=headers) as resp:
                     body = await resp.json(content_type=None)
                     if resp.status != 200:
                         raise EDTalkError(f"server refused the session ({resp.status}): {body.get('error', body)}")
@@ -286,7 +291,10 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
             for at, msg in control:
                 await asyncio.sleep(max(0.0, start + at - time.time()))
                 if channel.readyState == "open":
-                    channel.send(msg if isinstance(msg, str) else json.dumps(msg))
+                    if callable(msg):
+                        msg(channel)
+                    else:
+                        channel.send(msg if isinstance(msg, str) else json.dumps(msg))
         await asyncio.sleep(max(0.0, start + result.sent_seconds - time.time()))
         if channel.readyState == "open":
             channel.send(json.dumps({"type": "stats"}))
@@ -320,7 +328,8 @@ def main_client(args) -> int:
             options[key] = value
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise InputError(f"output folder does not exist: {Path(args.out).parent}")
-    result = asyncio.run(run_client(args.server, args.audio, args.out, options))
+    token = args.token or os.environ.get("EDTALK_LIVE_TOKEN")
+    result = asyncio.run(run_client(args.server, args.audio, args.out, options, token=token))
     s = result.stats
     print(f"sent {result.sent_seconds:.2f} s of audio; received {result.video_frames} video frames "
           f"{result.size[0]}x{result.size[1]} and {result.audio_samples / max(result.audio_rate, 1):.2f} s of voice"

@@ -41,7 +41,7 @@ DROP_REASONS: tuple[str, ...] = ("deadline", "queue_full", "error", "stopped")
 #: (``render``: decoder batches; ``lipsync``: mel, Audio2Lip and smoothing; ``other``: expressions, paste-back)
 CPU_STAGES: tuple[str, ...] = ("render", "lipsync", "other")
 #: why an offer was refused: the ``reason`` label of ``edtalk_sessions_rejected_total``
-REJECT_REASONS: tuple[str, ...] = ("full", "bad_request", "too_large")
+REJECT_REASONS: tuple[str, ...] = ("full", "bad_request", "too_large", "rate_limited", "unauthorized")
 
 
 def batch_size_buckets(max_batch: int) -> tuple[float, ...]:

@@ -12,12 +12,13 @@ Control messages are JSON objects with a ``type``::
     {"type": "pause"} {"type": "resume"} {"type": "interrupt"} {"type": "stats"}
 
 Each is answered with ``{"type": "ok" | "stats", "for": <type>, "stats": {...}}`` or
-``{"type": "error", "error": "..."}``. Unknown extra fields are ignored.
+``{"type": "error", "error": "..."}``. Unknown extra fields are ignored. A message is at most
+:data:`MAX_CONTROL_BYTES` of UTF-8 JSON, nested at most :data:`~edtalk_live.realtime.limits.MAX_JSON_DEPTH`
+deep; error messages quote at most an excerpt of the input (:func:`~edtalk_live.realtime.limits.excerpt`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,7 +26,10 @@ from typing import Any, ClassVar
 from edtalk_live.avatar.motion import MAX_INTENSITY
 from edtalk_live.avatar.motion import MODES as POSE_MODES
 from edtalk_live.edtalk.errors import InputError
+from edtalk_live.realtime.limits import excerpt, loads_bounded
 
+#: the largest control message (bytes of UTF-8)
+MAX_CONTROL_BYTES = 64 * 1024
 INTENSITY_RANGE = (0.0, MAX_INTENSITY)      # the same range as render --intensity
 
 
@@ -45,13 +49,13 @@ class Choices:
 def check_number(value: Any, name: str, lo: float, hi: float) -> float:
     """``value`` as a finite float in ``[lo, hi]``."""
     if isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {value!r}")
+        raise InputError(f"{name} must be a number, got {excerpt(value)}")
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name} must be a number, got {excerpt(value)}") from None
     if not (math.isfinite(x) and lo <= x <= hi):
-        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
+        raise InputError(f"{name} must be between {lo:g} and {hi:g}, got {excerpt(value)}")
     return x
 
 
@@ -65,13 +69,13 @@ def check_emotion(name: Any, choices: Choices) -> str | None:
         raise InputError("this model (lip_pose family) has no expression control")
     name = name or None
     if name is not None and name not in choices.emotions:
-        raise InputError(f"unknown emotion {name!r}; available: {', '.join(choices.emotions) or 'none'}")
+        raise InputError(f"unknown emotion {excerpt(name)}; available: {', '.join(choices.emotions) or 'none'}")
     return name
 
 
 def check_pose_mode(mode: Any, choices: Choices) -> str:
     if mode not in POSE_MODES:
-        raise InputError(f"unknown pose mode {mode!r}; choose one of {', '.join(POSE_MODES)}")
+        raise InputError(f"unknown pose mode {excerpt(mode)}; choose one of {', '.join(POSE_MODES)}")
     if mode == "clip" and not choices.has_clip:
         raise InputError("pose mode 'clip' needs a pose clip on the server (serve --pose-video)")
     return mode
@@ -83,7 +87,7 @@ def check_avatar(name: Any, choices: Choices) -> str:
         raise InputError("the server has no avatar")
     avatar = name or choices.avatars[0]
     if avatar not in choices.avatars:
-        raise InputError(f"unknown avatar {avatar!r}; available: {', '.join(choices.avatars)}")
+        raise InputError(f"unknown avatar {excerpt(avatar)}; available: {', '.join(choices.avatars)}")
     return avatar
 
 
@@ -110,7 +114,7 @@ class SessionOptions:
         """Validate the offer's options; raises :class:`InputError` naming the bad field or value."""
         unknown = sorted(set(data) - set(cls.FIELDS))
         if unknown:
-            raise InputError(f"unknown session option {unknown[0]!r}; known: {', '.join(cls.FIELDS)}")
+            raise InputError(f"unknown session option {excerpt(unknown[0])}; known: {', '.join(cls.FIELDS)}")
         emotion = data.get("emotion") or None
         return cls(avatar=check_avatar(data.get("avatar"), choices),
                    # a model without expressions accepts "no emotion" in an offer
@@ -186,14 +190,11 @@ CONTROL_TYPES: tuple[str, ...] = tuple(m.type for m in (Emotion, Intensity, Pose
 def parse_control(raw: str | bytes | dict[str, Any], choices: Choices) -> ControlMessage:
     """One control message (JSON text or an already decoded object) as a typed message.
 
-    Raises :class:`InputError` for anything else: not JSON, no ``type``, an unknown type, or a bad
-    field (the same checks as the offer's options).
+    Raises :class:`InputError` for anything else: too large, not UTF-8, nested too deep, not JSON, no
+    ``type``, an unknown type, or a bad field (the same checks as the offer's options).
     """
     if isinstance(raw, (str, bytes)):
-        try:
-            msg = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise InputError("control messages must be JSON objects") from None
+        msg = loads_bounded(raw, "control message", MAX_CONTROL_BYTES)
     else:
         msg = raw
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
@@ -212,4 +213,4 @@ def parse_control(raw: str | bytes | dict[str, Any], choices: Choices) -> Contro
     simple = {"pause": Pause, "resume": Resume, "interrupt": Interrupt, "stats": Stats}
     if kind in simple:
         return simple[kind]()
-    raise InputError(f"unknown control message type {kind!r}; known: {', '.join(CONTROL_TYPES)}")
+    raise InputError(f"unknown control message type {excerpt(kind)}; known: {', '.join(CONTROL_TYPES)}")

@@ -14,6 +14,7 @@ from edtalk_live.avatar.prepare import default_avatar
 from edtalk_live.avatar.store import AvatarStore
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.media.weights import find_weights, load_preset
+from edtalk_live.realtime.access import secret_from_args
 from edtalk_live.realtime.server import AvatarServer, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,13 @@ def build_server(weights_dir: str | Path | None, avatar: str | Path | None = Non
     return AvatarServer(renderer, prepared, presets, settings, clip_poses=clip)
 
 
-def settings_from_args(args, host: str | None = None, port: int | None = None) -> ServerSettings:
-    """The :class:`ServerSettings` of ``serve``'s command-line arguments (``host``/``port`` override theirs)."""
+def settings_from_args(args, host: str | None = None, port: int | None = None,
+                       behind_supervisor: bool = False) -> ServerSettings:
+    """The :class:`ServerSettings` of ``serve``'s command-line arguments (``host``/``port`` override theirs).
+
+    ``behind_supervisor``: a worker of ``serve --workers N``, whose offers all come from the supervisor's
+    address: the supervisor applies the per-address offer rate and CORS, the worker only the token check.
+    """
     ports = None
     if args.udp_ports:
         try:
@@ -81,13 +87,17 @@ def settings_from_args(args, host: str | None = None, port: int | None = None) -
                           max_sessions=args.max_sessions, ice_servers=tuple(ice), udp_ports=ports,
                           inactivity_timeout=args.inactivity_timeout, render_budget=args.render_budget,
                           max_batch=args.max_batch, render_threads=args.render_threads,
-                          audio_prefetch=args.audio_prefetch)
+                          audio_prefetch=args.audio_prefetch, token_secret=secret_from_args(args),
+                          offer_rate=None if behind_supervisor or not args.offer_rate else args.offer_rate,
+                          offer_burst=args.offer_burst,
+                          cors_origins=() if behind_supervisor else tuple(args.cors_origin or ()))
 
 
-def server_from_args(args, host: str | None = None, port: int | None = None) -> AvatarServer:
+def server_from_args(args, host: str | None = None, port: int | None = None,
+                     behind_supervisor: bool = False) -> AvatarServer:
     """The server ``serve``'s arguments describe, built by :func:`build_server` (a worker of
     ``serve --workers N`` builds its own through here too, on its private ``host``/``port``)."""
-    settings = settings_from_args(args, host, port)
+    settings = settings_from_args(args, host, port, behind_supervisor)
     return build_server(args.weights, args.avatar, backend=args.backend, device=args.device,
                         pose_video=args.pose_video, settings=settings, avatars_dir=args.avatars,
                         align=not args.no_align)

@@ -4,6 +4,14 @@ Routes: ``GET /`` (the browser page), ``POST /offer`` (SDP offer + session optio
 ``GET /config`` (avatars, emotions, pose modes, ICE servers for clients), ``GET /health``,
 ``GET /metrics`` (Prometheus text, :mod:`edtalk_live.realtime.metrics`). State lives on the :class:`AvatarServer`
 object, never in module globals; a failing session closes only its own peer connection.
+
+Hostile input: an offer is answered with an answer or a one-line 4xx ``{"error": ...}``, never a 5xx
+(but 503 when full): the gate first (:mod:`edtalk_live.realtime.access`: 429 rate limit, 401 token),
+then the size (413), bounded JSON and SDP checks (:mod:`edtalk_live.realtime.limits`, 400) before
+aiortc parses anything, and any error of aiortc's negotiation is a 400 that closes the peer
+connection. Control messages are bounded the same way, rate-limited per session, and never let an
+exception into aiortc's receive loop. ICE uses only the servers configured (none: host candidates,
+no STUN request to anyone).
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from aiohttp import web
 from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
+from edtalk_live.realtime.access import OfferGate, cors_middleware
 from edtalk_live.realtime.budget import RenderBudget
+from edtalk_live.realtime.limits import TokenBuckets, check_offer_sdp, clip, excerpt, loads_bounded
 from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.metrics import ServerMetrics, SessionCounts
-from edtalk_live.realtime.protocol import POSE_MODES, SessionOptions, parse_control
+from edtalk_live.realtime.protocol import MAX_CONTROL_BYTES, POSE_MODES, SessionOptions, parse_control
 from edtalk_live.realtime.scheduler import FrameScheduler
 from edtalk_live.realtime.session import PRODUCER_TICK_S, Session
 
@@ -66,6 +76,17 @@ class ServerSettings:
     max_wait_ms: float = 4.0
     max_offer_bytes: int = 64 * 1024
     paste_back_max_size: int | None = 1280      # longest side of paste-back streams (None: the photo's size)
+    #: offers a second from one client address, and how many may come at once (None: no limit; behind the
+    #: ``--workers`` supervisor the limit is the supervisor's, which sees the clients' addresses)
+    offer_rate: float | None = 1.0
+    offer_burst: int = 5
+    #: HS256 secret of the bearer tokens ``POST /offer`` needs (None: no token needed)
+    token_secret: str | None = field(default=None, repr=False)
+    #: web origins allowed to call the server from their pages (CORS); none: the page's own origin only
+    cors_origins: tuple[str, ...] = ()
+    #: control messages a second per session, and how many may come at once; the rest are dropped
+    control_rate: float = 20.0
+    control_burst: int = 50
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -77,6 +98,12 @@ class ServerSettings:
         if self.render_budget is not None and not 0 <= self.jitter_margin < self.render_budget:
             raise InputError(f"jitter_margin ({self.jitter_margin}) must be >= 0 and below render_budget "
                              f"({self.render_budget})")
+        if self.offer_rate is not None and not (self.offer_rate > 0 and self.offer_burst >= 1):
+            raise InputError(f"offer rate must be > 0 with a burst >= 1, got {self.offer_rate:g}/s, burst "
+                             f"{self.offer_burst}")
+        if not (self.control_rate > 0 and self.control_burst >= 1):
+            raise InputError(f"control rate must be > 0 with a burst >= 1, got {self.control_rate:g}/s, burst "
+                             f"{self.control_burst}")
         if self.udp_ports is not None:
             lo, hi = self.udp_ports
             if not (1024 <= lo <= hi <= 65535):
@@ -143,10 +170,13 @@ class AvatarServer:
         self.prometheus.sessions.set_function(lambda: len(self.peers))
         self.prometheus.session_fps.set_function(self._mean_fps)
         self.prometheus.av_offset.set_function(self._max_av_offset)
+        self.gate = OfferGate(settings.token_secret, settings.offer_rate, settings.offer_burst,
+                              on_reject=lambda reason: self.prometheus.sessions_rejected.labels(reason).inc())
 
     # ------------------------------------------------------------ app
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_offer_bytes)
+        middlewares = [cors_middleware(self.settings.cors_origins)] if self.settings.cors_origins else []
+        app = web.Application(client_max_size=self.settings.max_offer_bytes, middlewares=middlewares)
         app.router.add_get("/", self.index)
         if WEB_DIR.is_dir():
             app.router.add_static("/static/", WEB_DIR, show_index=False)
@@ -231,11 +261,15 @@ class AvatarServer:
                                   "uptime_s": round(time.time() - self.started, 1)}, status=200 if ok else 503)
 
     def _error(self, status: int, message: str) -> web.Response:
+        """A one-line JSON error (``message`` cut to 300 characters: it may quote the input)."""
         if status in (400, 413):
             self.prometheus.sessions_rejected.labels("bad_request" if status == 400 else "too_large").inc()
-        return web.json_response({"error": message}, status=status)
+        return web.json_response({"error": clip(message, 300)}, status=status)
 
     async def offer(self, request: web.Request) -> web.Response:
+        refused = self.gate.check(request)
+        if refused is not None:
+            return refused
         if request.content_length is not None and request.content_length > self.settings.max_offer_bytes:
             return self._error(413, f"offer larger than {self.settings.max_offer_bytes} bytes")
         try:
@@ -243,9 +277,9 @@ class AvatarServer:
         except web.HTTPRequestEntityTooLarge:
             return self._error(413, f"offer larger than {self.settings.max_offer_bytes} bytes")
         try:
-            params = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return self._error(400, "the offer must be a JSON object {sdp, type, ...options}")
+            params = loads_bounded(body, "the offer", self.settings.max_offer_bytes)
+        except InputError as e:
+            return self._error(400, f"{e}: it must be a JSON object {{sdp, type, ...options}}")
         if not isinstance(params, dict):
             return self._error(400, "the offer must be a JSON object {sdp, type, ...options}")
         sdp, kind = params.pop("sdp", None), params.pop("type", None)
@@ -261,17 +295,28 @@ class AvatarServer:
         except EDTalkError as e:
             return self._error(400, str(e))
         try:
+            check_offer_sdp(sdp)        # before aiortc's parser, whose cost some offers make explode
+        except InputError as e:
+            return self._error(400, f"bad SDP offer: {e}")
+        try:
             answer = await self._connect(sdp, options)
         except InputError as e:
             return self._error(400, str(e))
         return web.json_response(answer)
 
-    async def _connect(self, sdp: str, options: SessionOptions) -> dict:
-        from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+    def rtc_configuration(self):
+        """The sessions' ``RTCConfiguration``: the ICE servers configured, and none when none are (an
+        explicit empty list: aiortc's default for ``None`` is a public STUN server, asked by every session)."""
+        from aiortc import RTCConfiguration, RTCIceServer
 
-        ice = [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-               for s in self.settings.ice_servers]
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
+        return RTCConfiguration(iceServers=[
+            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+            for s in self.settings.ice_servers])
+
+    async def _connect(self, sdp: str, options: SessionOptions) -> dict:
+        from aiortc import RTCPeerConnection, RTCSessionDescription
+
+        pc = RTCPeerConnection(self.rtc_configuration())
         sid = uuid.uuid4().hex
         paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
@@ -293,9 +338,23 @@ class AvatarServer:
 
             @pc.on("datachannel")
             def on_datachannel(channel):
+                bucket = TokenBuckets(self.settings.control_rate, self.settings.control_burst)
+                limited = {"now": False}
+
                 @channel.on("message")
                 def on_message(message):
-                    channel.send(json.dumps(self._control(session, message)))
+                    try:        # nothing may escape into aiortc's receive loop: it would end the session
+                        if bucket.take(None) > 0:
+                            if not limited["now"]:      # one error per stretch of dropped messages
+                                limited["now"] = True
+                                channel.send(json.dumps({"type": "error", "error": (
+                                    f"too many control messages (more than {self.settings.control_rate:g} a "
+                                    "second): dropping them until they slow down")}))
+                            return
+                        limited["now"] = False
+                        channel.send(json.dumps(self._control(session, message)))
+                    except Exception:  # noqa: BLE001 - e.g. the channel closed under us
+                        logger.warning("session %s: a control message failed", sid[:8], exc_info=True)
 
             @pc.on("connectionstatechange")
             async def on_state():
@@ -307,15 +366,20 @@ class AvatarServer:
 
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            except Exception as e:  # noqa: BLE001 - mutated offers raise many exception types
-                raise InputError(f"bad SDP offer: {type(e).__name__}: {e}") from None
-            kinds = [t.kind for t in pc.getTransceivers()]
-            if "audio" not in kinds or "video" not in kinds:
-                raise InputError("the offer must have one audio (microphone) and one video (avatar) media section")
-            pc.addTrack(session.voice)
-            pc.addTrack(session.video)
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
+                self._guard_text_messages(pc)
+                kinds = [t.kind for t in pc.getTransceivers()]
+                if "audio" not in kinds or "video" not in kinds:
+                    raise InputError("the offer must have one audio (microphone) and one video (avatar) media "
+                                     "section")
+                pc.addTrack(session.voice)
+                pc.addTrack(session.video)
+                answer = await pc.createAnswer()
+                await pc.setLocalDescription(answer)
+            except InputError:
+                raise
+            except Exception as e:  # noqa: BLE001 - mutated offers raise many exception types, at each step
+                logger.info("session %s: negotiation failed: %s: %s", sid[:8], type(e).__name__, clip(str(e)))
+                raise InputError(f"bad SDP offer: {type(e).__name__}: {clip(str(e))}") from None
             peer.watchdog = asyncio.create_task(self._watch(sid), name=f"session-{sid[:8]}-watchdog")
             ok = True
             logger.info("session %s: started (avatar %s, emotion %s, pose %s)", sid[:8], options.avatar,
@@ -352,6 +416,39 @@ class AvatarServer:
                     logger.warning("aiortc's audio jitter buffer not found: its default (80 ms) stays")
                 return
 
+    @staticmethod
+    def _guard_text_messages(pc) -> None:
+        """Hand a data-channel text message that is not UTF-8 (or too large to be a control message) to the
+        channel as bytes, which :func:`~edtalk_live.realtime.protocol.parse_control` answers with an error.
+
+        aiortc decodes text messages itself, inside its SCTP receive loop: a message that is not UTF-8
+        raises there and ends the session. It has no hook for this; the transport's private ``_receive``
+        is wrapped (checked by tests/test_hardening.py); when a future aiortc renames it, this logs a
+        warning and such a message ends its own session, as before.
+        """
+        from aiortc.rtcsctptransport import WEBRTC_BINARY, WEBRTC_STRING
+
+        sctp = pc.sctp
+        if sctp is None:
+            return
+        receive = getattr(sctp, "_receive", None)
+        if receive is None:
+            logger.warning("aiortc's SCTP receive hook not found: a text message that is not UTF-8 will end "
+                           "its session")
+            return
+
+        async def guarded(stream_id: int, pp_id: int, data: bytes) -> None:
+            if pp_id == WEBRTC_STRING:
+                try:
+                    if len(data) > MAX_CONTROL_BYTES:
+                        raise ValueError("too large")
+                    data.decode("utf-8")
+                except ValueError:      # UnicodeDecodeError included
+                    pp_id = WEBRTC_BINARY
+            await receive(stream_id, pp_id, data)
+
+        sctp._receive = guarded
+
     def _paste_back(self, name: str):
         """The avatar's paste-back (built once per avatar, on the renderer's device), as ``render``'s."""
         if name not in self._pastes:
@@ -366,7 +463,7 @@ class AvatarServer:
         except EDTalkError as e:
             return {"type": "error", "error": str(e)}
         except Exception:  # noqa: BLE001 - a bad message must never take the session down
-            logger.exception("session %s: control message %r failed", session.id[:8], message)
+            logger.exception("session %s: control message %s failed", session.id[:8], excerpt(message))
             return {"type": "error", "error": "internal error handling the control message"}
 
     async def _watch(self, sid: str) -> None:

@@ -60,6 +60,7 @@ import aiohttp
 from aiohttp import web
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
+from edtalk_live.realtime.access import OfferGate, cors_middleware, secret_from_args
 from edtalk_live.realtime.metrics import MergedMetrics
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ DEFAULT_MAX_OFFER_BYTES = 64 * 1024
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade",
                           "proxy-authenticate", "proxy-authorization", "te", "trailer", "server", "date"})
 #: request headers passed on to a worker
-_FORWARDED = ("Accept", "Accept-Encoding", "Content-Type", "If-Modified-Since", "If-None-Match", "Range")
+_FORWARDED = ("Accept", "Accept-Encoding", "Authorization", "Content-Type", "If-Modified-Since", "If-None-Match",
+              "Range")
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -126,7 +128,7 @@ def worker_main(args, index: int, conn, log_level: int) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        server = server_from_args(args, host="127.0.0.1", port=sock.getsockname()[1])
+        server = server_from_args(args, host="127.0.0.1", port=sock.getsockname()[1], behind_supervisor=True)
     except (EDTalkError, OSError) as e:
         conn.send(("error", " ".join(str(e).split())))
         conn.close()
@@ -198,6 +200,11 @@ class Supervisor:
         self.workers = [_Worker(i) for i in range(workers)]
         self.metrics = MergedMetrics(self.max_sessions, workers)
         self.metrics.workers_up.set_function(lambda: sum(w.state == "ok" for w in self.workers))
+        # the offer rate per client address and the token check: here, where the clients' addresses are seen
+        # (the workers check the token again)
+        self.gate = OfferGate(secret_from_args(args), args.offer_rate or None, args.offer_burst,
+                              on_reject=lambda reason: self.metrics.sessions_rejected.labels(reason).inc())
+        self.cors_origins = tuple(args.cors_origin or ())
         self.backend = ""
         self.max_offer_bytes = DEFAULT_MAX_OFFER_BYTES
         self.started = time.time()
@@ -386,7 +393,7 @@ class Supervisor:
 
     # ------------------------------------------------------------ app
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[cors_middleware(self.cors_origins)] if self.cors_origins else [])
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_post("/offer", self.offer)
@@ -421,6 +428,9 @@ class Supervisor:
         return web.json_response({"error": message}, status=status, headers=headers or None)
 
     async def offer(self, request: web.Request) -> web.StreamResponse:
+        refused = self.gate.check(request)
+        if refused is not None:
+            return refused
         limit = self.max_offer_bytes
         too_large = f"offer larger than {limit} bytes"
         if request.content_length is not None and request.content_length > limit:

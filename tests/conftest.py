@@ -1,4 +1,5 @@
-"""Shared fixtures: the ``../shared`` parity fixtures and test media, weight folders, short clips.
+"""Shared fixtures: the ``../shared`` parity fixtures and test media, weight folders, short clips; the
+server started in the test's event loop (:class:`Running`, imported by the server tests as ``from conftest import``).
 
 Everything that needs ``../shared`` (next to the repository) skips with a reason when it is absent,
 so the project's own suite still passes on a machine without it.
@@ -6,17 +7,22 @@ so the project's own suite still passes on a machine without it.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import shutil
+import socket
 import wave
 from pathlib import Path
 
+import aiohttp
 import av
 import numpy as np
 import pytest
 import torch
+from aiohttp import web
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -164,3 +170,64 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("EDTALK_LIVE_CACHE", None)
     else:
         os.environ["EDTALK_LIVE_CACHE"] = old
+
+
+# ------------------------------------------------------------------------------------------ servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A server started on a free port inside the test's event loop."""
+
+    def __init__(self, weights: Path, avatar: Path, align: bool = False, **settings):
+        from edtalk_live.realtime.serve import build_server  # the model: only for the server tests
+        from edtalk_live.realtime.server import ServerSettings
+
+        settings.setdefault("offer_rate", None)     # the tests send many offers from one address
+        self.port = free_port()
+        self.server = build_server(weights, avatar, settings=ServerSettings(port=self.port, **settings), align=align,
+                                   cache=False)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self):
+        self.runner = web.AppRunner(self.server.app())
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+    async def get(self, path: str):
+        async with aiohttp.ClientSession() as http, http.get(self.url + path) as r:
+            return r.status, (await r.json() if r.content_type == "application/json" else await r.text())
+
+    async def metrics(self) -> dict[tuple[str, tuple], tuple[str, float]]:
+        """``/metrics`` parsed: ``{(sample name, labels): (family type, value)}``."""
+        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as r:
+            assert r.status == 200 and r.content_type == "text/plain", (r.status, r.content_type)
+            text = await r.text()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                assert key not in samples, f"{key} exported twice"
+                samples[key] = (family.type, sample.value)
+        return samples
+
+    async def post(self, path: str, data: bytes | str, content_type="application/json"):
+        async with aiohttp.ClientSession() as http, http.post(
+                self.url + path, data=data, headers={"Content-Type": content_type}) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)

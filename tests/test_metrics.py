@@ -59,7 +59,7 @@ def test_each_server_has_its_own_registry():
     assert scrape(b)[("edtalk_sessions_max", ())] == 2
     assert REGISTRY.get_sample_value("edtalk_sessions_started_total") is None
     rejected = {k[1][0][1] for k in scrape(a) if k[0] == "edtalk_sessions_rejected_total"}
-    assert rejected == {"full", "bad_request", "too_large"}
+    assert rejected == {"full", "bad_request", "too_large", "rate_limited", "unauthorized"}
 
 
 def test_buckets():

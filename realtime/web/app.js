@@ -9,6 +9,8 @@
  *                "interrupt"|"stats", ...}, each answered by {type: "ok"|"stats", for, stats}
  *                or {type: "error", error}.
  * aiortc does not trickle ICE: the offer is sent once candidate gathering is complete.
+ * A server with a token secret needs a token: open the page as `/?token=<JWT>` (`edtalk-live token`);
+ * it is sent as `Authorization: Bearer <JWT>` with the offer, and dropped from the address bar.
  *
  * Tests drive the page through `window.edtalk` (state, framesDecoded(), lastStats, lastError, ...).
  * Plain ES2020, no framework, no build step.
@@ -19,6 +21,17 @@
   const STATS_PERIOD_MS = 1000;      // server and browser statistics poll
   const ICE_GATHER_TIMEOUT_MS = 5000; // send what was gathered if gathering has not completed by then
   const INTENSITY_SEND_MS = 100;     // the slider sends at most one message per this period
+
+  // the bearer token of `?token=...`, kept in memory only; the address bar loses it (history, screenshots)
+  const TOKEN = (() => {
+    const url = new URL(window.location.href);
+    const token = url.searchParams.get("token");
+    if (token !== null) {
+      url.searchParams.delete("token");
+      window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+    }
+    return token;
+  })();
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -196,7 +209,7 @@
       try {
         response = await fetch("offer", {
           method: "POST",
-          headers: { "Content-Type": "application/json" },
+          headers: { "Content-Type": "application/json", ...(TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {}) },
           body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type, ...initialOptions() }),
         });
       } catch (err) {

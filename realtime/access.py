@@ -1,0 +1,149 @@
+"""Who may open a session, how often, and from which web origins: the checks in front of ``POST /offer``.
+
+One :class:`OfferGate` serves the single server and the ``--workers`` supervisor alike (the supervisor
+sees the client's address; its workers see only the supervisor's):
+
+* **Rate limit per client address** (``--offer-rate``/``--offer-burst``): a token bucket per address;
+  over it, ``429`` with ``Retry-After``.
+* **Bearer tokens** (``--token-secret`` or ``$EDTALK_LIVE_TOKEN_SECRET``): ``POST /offer`` needs
+  ``Authorization: Bearer <JWT>``, HS256 only, with ``exp`` and ``aud`` (:data:`TOKEN_AUDIENCE`)
+  required; otherwise ``401`` with ``WWW-Authenticate: Bearer``. :func:`make_token` mints one
+  (``edtalk-live token``).
+* **Bind check** (:func:`check_bind`): a server listening beyond loopback needs a token secret, or
+  an explicit ``--insecure``.
+* **CORS** (:func:`cors_middleware`): only the origins given (``--cors-origin``) get CORS headers;
+  with none, the page's own origin is the only one a browser lets call the API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import jwt
+from aiohttp import web
+
+from edtalk_live.edtalk.errors import InputError
+from edtalk_live.realtime.limits import TokenBuckets
+
+#: the ``aud`` claim a token must carry
+TOKEN_AUDIENCE = "edtalk-live"
+#: the only signature algorithm accepted (fixed: a token never chooses how it is checked)
+TOKEN_ALGORITHM = "HS256"
+#: the environment variable read when ``--token-secret`` is not given
+TOKEN_SECRET_ENV = "EDTALK_LIVE_TOKEN_SECRET"
+#: the shortest secret accepted (RFC 7518 section 3.2: an HS256 key of at least 256 bits)
+MIN_SECRET_BYTES = 32
+
+
+def check_secret(secret: str | None) -> str | None:
+    """``secret`` (``None``/empty: none), or :class:`InputError` when it is too short for HS256."""
+    if not secret:
+        return None
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise InputError(f"the token secret must be at least {MIN_SECRET_BYTES} bytes long "
+                         f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return secret
+
+
+def secret_from_args(args) -> str | None:
+    """The token secret of ``serve``'s arguments: ``--token-secret``, else ``$EDTALK_LIVE_TOKEN_SECRET``."""
+    return check_secret(getattr(args, "token_secret", None) or os.environ.get(TOKEN_SECRET_ENV))
+
+
+def make_token(secret: str, ttl_s: float = 3600.0, subject: str | None = None, now: float | None = None) -> str:
+    """A token :meth:`OfferGate.check` accepts for ``ttl_s`` seconds."""
+    now = time.time() if now is None else now
+    claims = {"aud": TOKEN_AUDIENCE, "iat": int(now), "exp": int(now + ttl_s)}
+    if subject:
+        claims["sub"] = subject
+    return jwt.encode(claims, secret, algorithm=TOKEN_ALGORITHM)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, secret: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond loopback without a token secret, unless ``insecure`` says so on purpose."""
+    if not is_loopback(host) and secret is None and not insecure:
+        raise InputError(f"--host {host} makes the server reachable from other machines: give it a "
+                         f"--token-secret (or ${TOKEN_SECRET_ENV}) so that only token holders open sessions, "
+                         "or --insecure to serve anyone who can reach it")
+
+
+class OfferGate:
+    """The rate limit and the token check of ``POST /offer``; :meth:`check` answers a refusal, or ``None``."""
+
+    def __init__(self, secret: str | None = None, rate: float | None = None, burst: int = 5,
+                 on_reject: Callable[[str], None] | None = None):
+        self.secret = check_secret(secret)
+        self.buckets = TokenBuckets(rate, burst) if rate else None
+        self.on_reject = on_reject or (lambda _reason: None)
+
+    def check(self, request: web.Request) -> web.Response | None:
+        if self.buckets is not None:
+            wait = self.buckets.take(request.remote)
+            if wait > 0:
+                self.on_reject("rate_limited")
+                return web.json_response({"error": "too many offers from this address, try again later"},
+                                         status=429, headers={"Retry-After": TokenBuckets.retry_after(wait)})
+        if self.secret is not None:
+            why = self.token_error(request.headers.get("Authorization"))
+            if why is not None:
+                self.on_reject("unauthorized")
+                return web.json_response({"error": why}, status=401,
+                                         headers={"WWW-Authenticate": f'Bearer realm="{TOKEN_AUDIENCE}"'})
+        return None
+
+    def token_error(self, header: str | None) -> str | None:
+        """Why ``header`` (an ``Authorization`` value) does not hold a valid token, or ``None`` when it does."""
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "this server needs a token: Authorization: Bearer <token>"
+        try:
+            jwt.decode(token.strip(), self.secret, algorithms=[TOKEN_ALGORITHM], audience=TOKEN_AUDIENCE,
+                       options={"require": ["exp", "aud"]})
+        except jwt.ExpiredSignatureError:
+            return "the token has expired"
+        except jwt.InvalidTokenError:
+            return "the token is not valid for this server"
+        return None
+
+
+def cors_middleware(origins: Iterable[str]) -> Callable:
+    """An aiohttp middleware giving the listed origins CORS access (preflight included), nobody else.
+
+    Written here rather than with ``aiohttp-cors`` (routes registered one by one, which the
+    supervisor's catch-all proxy route and the static files make awkward): an allow-list is a few lines.
+    """
+    allowed = frozenset(o.rstrip("/") for o in origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                   ) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        ok = origin is not None and origin in allowed
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if not ok:
+                return web.json_response({"error": "origin not allowed"}, status=403)
+            response: web.StreamResponse = web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                "Access-Control-Max-Age": "600"})
+        else:
+            response = await handler(request)
+        if ok:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return cors
