@@ -582,8 +582,9 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
     from edtalk_live.realtime.server import ServerSettings
 
     port = _free_port()
+    # every client of a level connects at once from this host: no per-address offer rate
     settings = ServerSettings(port=port, max_sessions=max(args.sessions), render_budget=args.render_budget,
-                              max_batch=args.max_batch)
+                              max_batch=args.max_batch, offer_rate=None)
     server = build_server(weights, avatar, backend=args.backend, device=args.device, settings=settings,
                           **_no_alignment())
     cfg = server.renderer.config
@@ -611,7 +612,7 @@ async def server_process(weights: Path, avatar: Path | None, log_dir: Path, *, b
     port = _free_port()
     cmd = [sys.executable, "-m", "edtalk_live.clients.cli", "-v",
            "serve", "--weights", str(weights), *(["--avatar", str(avatar)] if avatar else []), "--port", str(port),
-           "--workers", "1",
+           "--workers", "1", "--offer-rate", "0",       # every client of a level connects at once from this host
            "--backend", backend, "--max-sessions", str(max_sessions), "--max-batch", str(max_batch),
            *(["--render-budget", str(render_budget)] if render_budget is not None else []),
            *(["--device", device] if device else []), *extra]
