@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: measured from the frames rendered so far, 0.1 until then)")
     serve.add_argument("--audio-prefetch", type=int, default=1, metavar="N",
                        help="audio frames (20 ms) the WebRTC receiver holds before use (1; aiortc's own default: 4)")
-    serve.add_argument("--inactivity-timeout", type=float, default=10.0, metavar="S",
-                       help="reclaim a session after this many seconds without incoming audio (10)")
+    serve.add_argument("--inactivity-timeout", type=float, default=8.0, metavar="S",
+                       help="reclaim a session after this many seconds without incoming audio (8)")
+    serve.add_argument("--connect-timeout", type=float, default=15.0, metavar="S",
+                       help="reclaim a session whose peer has not connected after this many seconds (15)")
     serve.add_argument("--ice-server", action="append", metavar="URL",
                        help="STUN/TURN server for peers behind NAT, e.g. stun:stun.l.google.com:19302 (repeatable)")
     serve.add_argument("--turn-username", help="username for the TURN servers")

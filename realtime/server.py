@@ -46,6 +46,10 @@ from edtalk_live.realtime.session import PRODUCER_TICK_S, Session
 
 logger = logging.getLogger(__name__)
 
+#: how often a session's peer is checked (not connected in time, no audio for a while): a vanished peer is
+#: reclaimed at most this long after its timeout (a browser sends audio, silence included, every 20 ms)
+WATCH_PERIOD_S = 0.25
+
 #: the browser page, package data of this package
 WEB_DIR = Path(str(importlib.resources.files("edtalk_live.realtime") / "web"))
 
@@ -59,8 +63,8 @@ class ServerSettings:
     max_sessions: int = 8
     ice_servers: tuple[dict, ...] = ()          # [{"urls": "stun:...", "username":..., "credential":...}]
     udp_ports: tuple[int, int] | None = None    # restrict ICE host candidates to this port range
-    inactivity_timeout: float = 10.0            # seconds without incoming audio before the session is reclaimed
-    connect_timeout: float = 30.0               # seconds for ICE/DTLS to connect
+    inactivity_timeout: float = 8.0             # seconds without incoming audio before the session is reclaimed
+    connect_timeout: float = 15.0               # seconds for ICE/DTLS to connect
     #: seconds added to the lip-sync look-ahead for rendering; None: measured (:mod:`edtalk_live.realtime.budget`)
     render_budget: float | None = None
     #: audio frames aiortc's receiver holds before handing one over (its default, 4, adds 80 ms; audio is
@@ -471,7 +475,7 @@ class AvatarServer:
         peer = self.peers.get(sid)
         s = self.settings
         while peer is not None and not peer.closed:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(WATCH_PERIOD_S)
             state = peer.pc.connectionState
             age = peer.session.clock.now()
             if state != "connected" and age > s.connect_timeout:

@@ -451,3 +451,16 @@ def test_serve_refuses_a_public_bind_without_a_secret(edtalk_weights, face_image
         finally:
             started.terminate()
             started.wait(timeout=30)
+
+
+def test_default_timeouts_reclaim_a_vanished_peer_within_10_s_and_a_silent_offer_within_20_s():
+    """The defaults bound how long a dead peer holds a slot: the timeout plus one watch period."""
+    from edtalk_live.realtime.server import WATCH_PERIOD_S, ServerSettings
+
+    s = ServerSettings()
+    assert s.inactivity_timeout + WATCH_PERIOD_S < 10.0
+    assert s.connect_timeout + WATCH_PERIOD_S < 20.0
+    from edtalk_live.clients.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.inactivity_timeout, args.connect_timeout) == (s.inactivity_timeout, s.connect_timeout)
