@@ -124,15 +124,28 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> 
 # ----------------------------------------------------------------------------------------------- images
 
 
+#: the largest image file the readers accept, in bytes, and in pixels (checked from the header, before decoding)
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000
+
+
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as RGB ``uint8`` ``[H,W,3]``, upright per its EXIF orientation.
 
     The file is fully decoded (fails fast on anything that is not an image). A missing or unreadable
-    file raises :class:`InputError` with a one-line message naming it.
+    file, or one over :data:`MAX_IMAGE_BYTES` or :data:`MAX_IMAGE_PIXELS`, raises :class:`InputError`
+    with a one-line message naming it (the pixel count is read from the header, before decoding).
     """
     path = _existing_file(path, "image file")
+    size = os.path.getsize(path)
+    if size > MAX_IMAGE_BYTES:
+        raise InputError(f"image file too large: {path} ({size / 2**20:.0f} MiB; at most "
+                         f"{MAX_IMAGE_BYTES // 2**20} MiB)")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"image too large: {path} ({img.width}x{img.height}; at most "
+                                 f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels)")
             img.load()
             upright = ImageOps.exif_transpose(img)
             return np.asarray(upright.convert("RGB"))

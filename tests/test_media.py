@@ -164,6 +164,23 @@ def test_read_image_errors_are_one_line_and_name_the_file(tmp_path):
         assert what in message and str(path) in message and "\n" not in message, message
 
 
+def test_read_image_refuses_images_over_the_byte_and_pixel_caps(tmp_path, monkeypatch):
+    from edtalk_live.media import io as media_io
+
+    # a 12000 x 5000 image is 60 megapixels, over the cap; PNG of one colour keeps the file small
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (12000, 5000), (10, 20, 30)).save(wide)
+    assert wide.stat().st_size < 2**20
+    with pytest.raises(InputError, match="image too large: .*12000x5000"):
+        media.read_image(wide)
+    small = tmp_path / "small.png"
+    Image.fromarray(_pattern(64, 64)).save(small)
+    assert media.read_image(small).shape == (64, 64, 3)
+    monkeypatch.setattr(media_io, "MAX_IMAGE_BYTES", small.stat().st_size - 1)
+    with pytest.raises(InputError, match="image file too large"):
+        media.read_image(small)
+
+
 def test_to_uint8_clamps_and_rounds():
     x = torch.zeros(2, 3, 4, 4)
     x[0, 0] = -2.0  # below range -> 0
