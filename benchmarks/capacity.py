@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from edtalk_live.benchmarks.latency import (
+    _f,
+    _get_json,
     _wait_idle,
     positive_ints,
     server_process,
@@ -55,7 +57,8 @@ from edtalk_live.benchmarks.latency import (
 )
 from edtalk_live.edtalk.timing import FPS
 
-__all__ = ["LIVE_UNIT", "Level", "Snapshot", "format_table", "live_row", "main", "read_metrics", "summarise_level"]
+__all__ = ["LIVE_UNIT", "Level", "Snapshot", "format_table", "live_row", "main", "read_metrics", "snapshot",
+           "summarise_level"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +100,8 @@ def read_metrics(text: str, at: float) -> Snapshot:
     return Snapshot(at, samples)
 
 
-async def _snapshot(url: str) -> Snapshot:
+async def snapshot(url: str) -> Snapshot:
+    """The server's ``/metrics`` now."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=10)
@@ -167,7 +171,7 @@ def summarise_level(level: Level) -> dict[str, Any]:
     return row
 
 
-async def _clients(url: str, n: int, seconds: float, options: dict[str, Any]) -> list[subprocess.Popen]:
+def _clients(url: str, n: int, seconds: float, options: dict[str, Any]) -> list[subprocess.Popen]:
     cmd = [sys.executable, "-m", "edtalk_live.benchmarks.capacity", "--client", url, "--seconds", f"{seconds:.2f}",
            "--options", json.dumps(options)]
     return [subprocess.Popen([*cmd, "--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -176,7 +180,7 @@ async def _clients(url: str, n: int, seconds: float, options: dict[str, Any]) ->
 
 async def _sessions(url: str) -> int:
     with contextlib.suppress(Exception):
-        return int((await _snapshot(url)).get("edtalk_sessions"))
+        return int((await snapshot(url)).get("edtalk_sessions"))
     return -1
 
 
@@ -195,15 +199,15 @@ async def run_level(url: str, level: Level, warmup: float, window: float, connec
                     options: dict[str, Any]) -> Level:
     """Start ``level.sessions`` client processes, measure between two snapshots, wait for the clients to end."""
     n = level.sessions
-    procs = await _clients(url, n, connect_allowance + warmup + window + 1.0, options)
+    procs = _clients(url, n, connect_allowance + warmup + window + 1.0, options)
     try:
         if not await _wait_sessions(url, n, connect_allowance, procs):
             logger.warning("%d sessions: only %d came up within %.0f s", n, max(await _sessions(url), 0),
                            connect_allowance)
         await asyncio.sleep(warmup)
-        level.a = await _snapshot(url)
+        level.a = await snapshot(url)
         await asyncio.sleep(window)
-        level.b = await _snapshot(url)
+        level.b = await snapshot(url)
         level.sessions_up = int(min(level.a.get("edtalk_sessions"), level.b.get("edtalk_sessions")))
     finally:
         for p in procs:
@@ -220,17 +224,13 @@ async def run_level(url: str, level: Level, warmup: float, window: float, connec
 
 async def _idle_cpu(url: str, seconds: float) -> float:
     """Cores the server uses with no session, over ``seconds``."""
-    a = await _snapshot(url)
+    a = await snapshot(url)
     await asyncio.sleep(seconds)
-    b = await _snapshot(url)
+    b = await snapshot(url)
     return (b.get("process_cpu_seconds_total") - a.get("process_cpu_seconds_total")) / (b.at - a.at)
 
 
 # ================================================================================================ report
-
-
-def _f(x: float | None, digits: int = 0) -> str:
-    return "—" if x is None else f"{x:,.{digits}f}"
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -394,7 +394,7 @@ async def _bench(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, An
     for config in configs:
         for backend in backends:
             async with _servers(args, tmp, config, backend) as url:
-                health = await _get_health(url)
+                health = await _get_json(f"{url}/health", timeout=10.0)
                 described.append(f"{config} / {backend}: {health.get('backend', '?')}")
                 logger.info("server %s: %s", url, described[-1])
                 if args.idle > 0:
@@ -415,14 +415,6 @@ async def _bench(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, An
                     for e in level.client_errors:
                         logger.warning("client: %s", e)
     return rows, idle, described
-
-
-async def _get_health(url: str) -> dict[str, Any]:
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
-            http.get(f"{url}/health") as r:
-        return await r.json(content_type=None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -378,16 +378,6 @@ def usable_cpus() -> tuple[int, float | None]:
     return n, quota
 
 
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc; None where unreadable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _client_worker_init() -> None:
     """Import the client stack once per worker, before any clock starts (never raises: a Pool whose initializer
     fails respawns its workers forever; the level then reports the import error)."""
@@ -411,22 +401,20 @@ def _ready(_: int) -> int:
 
 
 class _CpuSampler:
-    """Samples the server's CPU time and live sessions (``/health``) every ``period`` seconds."""
+    """Samples the server's CPU time and live sessions (its ``/metrics``: ``process_cpu_seconds_total``,
+    ``edtalk_sessions``) every ``period`` seconds."""
 
-    def __init__(self, url: str, pid: int | None, period: float = 0.5):
-        self.url, self.pid, self.period = url, pid, period
+    def __init__(self, url: str, period: float = 0.5):
+        self.url, self.period = url, period
         self.samples: list[tuple[float, float, int]] = []      # (monotonic, cpu seconds, live sessions)
 
     async def run(self) -> None:
-        from edtalk_live.benchmarks import latency
+        from edtalk_live.benchmarks import capacity
 
         while True:
-            cpu = _proc_cpu_seconds(self.pid) if self.pid else None
-            sessions = 0
             with contextlib.suppress(Exception):
-                sessions = int((await latency._get_json(f"{self.url}/health", timeout=2.0)).get("sessions", 0))
-            if cpu is not None:
-                self.samples.append((time.monotonic(), cpu, sessions))
+                snap = await capacity.snapshot(self.url)
+                self.samples.append((snap.at, snap.get("process_cpu_seconds_total"), int(snap.get("edtalk_sessions"))))
             await asyncio.sleep(self.period)
 
     def summary(self) -> dict[str, float | None]:
@@ -557,7 +545,7 @@ async def _live_levels(spec: dict[str, Any], rec: _Recorder, clients: _Clients, 
         """(LevelResult or None, the server's CPU over the level, error)."""
         audio = latency.speech_like(seconds, spec["seed"])
         limit = min(seconds + connect_timeout + 30, deadline - time.time())
-        sampler = _CpuSampler(info.url, info.pid)
+        sampler = _CpuSampler(info.url)
         sampling = asyncio.create_task(sampler.run())
         try:
             result = await clients.level(info.url, n, audio, options, connect_timeout, limit)
@@ -575,7 +563,7 @@ async def _live_levels(spec: dict[str, Any], rec: _Recorder, clients: _Clients, 
         _, _, err = await level(max(sessions), spec["warmup_seconds"])
         rec.data["warmup"] = {"sessions": max(sessions), "seconds": spec["warmup_seconds"], "error": err}
     await latency._wait_idle(info.url)
-    idle = _CpuSampler(info.url, info.pid, period=0.25)
+    idle = _CpuSampler(info.url, period=0.25)
     task = asyncio.create_task(idle.run())
     await asyncio.sleep(min(2.0, spec["seconds"]))
     task.cancel()

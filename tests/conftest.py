@@ -203,6 +203,19 @@ class Running:
     async def __aexit__(self, *exc):
         await self.runner.cleanup()
 
+    def record_answers(self) -> list[str]:
+        """From now on, the SDP of every answer the server gives is appended to the returned list."""
+        answers: list[str] = []
+        original = self.server._connect
+
+        async def spy(sdp, options):
+            answer = await original(sdp, options)
+            answers.append(answer["sdp"])
+            return answer
+
+        self.server._connect = spy
+        return answers
+
     async def get(self, path: str):
         async with aiohttp.ClientSession() as http, http.get(self.url + path) as r:
             return r.status, (await r.json() if r.content_type == "application/json" else await r.text())

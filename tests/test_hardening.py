@@ -406,15 +406,7 @@ def test_no_stun_server_is_asked_unless_configured(edtalk_weights, face_image, s
 
     async def main():
         async with Running(edtalk_weights, face_image) as srv:
-            answers = []
-            original = srv.server._connect
-
-            async def spy(sdp, options):
-                answer = await original(sdp, options)
-                answers.append(answer["sdp"])
-                return answer
-
-            srv.server._connect = spy
+            answers = srv.record_answers()
             await run_client(srv.url, speech[:8000], None)
             _, config = await srv.get("/config")
             return answers, config, srv.server.rtc_configuration()

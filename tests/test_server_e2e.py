@@ -313,15 +313,7 @@ def test_silent_peer_is_reclaimed(edtalk_weights, face_image, speech):
 def test_udp_port_range(edtalk_weights, face_image, speech):
     async def main():
         async with Running(edtalk_weights, face_image, udp_ports=(42100, 42120)) as srv:
-            seen = []
-            original = srv.server._connect
-
-            async def spy(sdp, options):
-                answer = await original(sdp, options)
-                seen.append(answer["sdp"])
-                return answer
-
-            srv.server._connect = spy
+            seen = srv.record_answers()
             await run_client(srv.url, speech[:8000], None)
             return seen
 
