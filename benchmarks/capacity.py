@@ -20,10 +20,12 @@ twice, ``--window`` seconds apart; every figure comes from the difference:
 
 "Sessions per core" is 1 / (CPU per session-second) at the largest level that kept up: how many
 sessions one core carries when sessions pay what they paid there (the batch grows with the number
-of sessions, so the cost per session falls with load). "Held here" is that largest level itself,
-on this machine with the clients sharing its cores. Before the first level the server's idle CPU
-is measured (no session: it should spend about nothing). The table is Markdown on stdout; progress
-goes to stderr.
+of sessions, so the cost per session falls with load). "Held here" is that largest level itself.
+A server started here runs on one core and the clients on the others (``--server-cores``, default 1,
+where the machine has more cores than that): "held here" is then what one core holds, and the clients
+neither take the server's core nor evict its caches, as clients elsewhere would not. Before the first
+level the server's idle CPU is measured (no session: it should spend about nothing). The table is
+Markdown on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from edtalk_live.benchmarks.latency import (
     _f,
     _get_json,
     _wait_idle,
+    pin_to,
     positive_ints,
     server_process,
     speech_like,
@@ -171,11 +174,25 @@ def summarise_level(level: Level) -> dict[str, Any]:
     return row
 
 
-def _clients(url: str, n: int, seconds: float, options: dict[str, Any]) -> list[subprocess.Popen]:
+def split_cores(server_cores: int) -> tuple[set[int] | None, set[int] | None]:
+    """The cores for the server and for the clients: the first ``server_cores`` of this process's cores for
+    the server, the rest for the clients (a client in production runs elsewhere: here it must neither take
+    the server's cores nor evict its caches). ``(None, None)`` (no pinning) for 0, or where the machine has
+    no more cores than that, or cannot pin."""
+    if server_cores <= 0 or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) <= server_cores:
+        return None, None
+    return set(cores[:server_cores]), set(cores[server_cores:])
+
+
+def _clients(url: str, n: int, seconds: float, options: dict[str, Any],
+             cpus: set[int] | None = None) -> list[subprocess.Popen]:
     cmd = [sys.executable, "-m", "edtalk_live.benchmarks.capacity", "--client", url, "--seconds", f"{seconds:.2f}",
            "--options", json.dumps(options)]
-    return [subprocess.Popen([*cmd, "--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for i in range(n)]
+    return [subprocess.Popen([*cmd, "--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=pin_to(cpus)) for i in range(n)]
 
 
 async def _sessions(url: str) -> int:
@@ -196,10 +213,11 @@ async def _wait_sessions(url: str, want: int, timeout: float, procs: Sequence[su
 
 
 async def run_level(url: str, level: Level, warmup: float, window: float, connect_allowance: float,
-                    options: dict[str, Any]) -> Level:
-    """Start ``level.sessions`` client processes, measure between two snapshots, wait for the clients to end."""
+                    options: dict[str, Any], client_cpus: set[int] | None = None) -> Level:
+    """Start ``level.sessions`` client processes (on ``client_cpus``), measure between two snapshots, wait for
+    the clients to end."""
     n = level.sessions
-    procs = _clients(url, n, connect_allowance + warmup + window + 1.0, options)
+    procs = _clients(url, n, connect_allowance + warmup + window + 1.0, options, client_cpus)
     try:
         if not await _wait_sessions(url, n, connect_allowance, procs):
             logger.warning("%d sessions: only %d came up within %.0f s", n, max(await _sessions(url), 0),
@@ -339,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
     src.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                      help="one more argument for `serve` (repeat), e.g. --serve-arg=--render-threads=2")
+    p.add_argument("--server-cores", type=int, default=1, metavar="N",
+                   help="run a started server on N cores and the clients on the others (1: what one core "
+                        "holds; 0: no pinning; ignored without more cores than N)")
     p.add_argument("--sessions", type=positive_ints, default=[1, 2, 4], help="levels of the ramp (1,2,4)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds after all sessions are up before measuring (3)")
     p.add_argument("--window", type=float, default=10.0, help="seconds measured per level (10)")
@@ -379,8 +400,8 @@ async def _servers(args: argparse.Namespace, tmp: Path, config: str, backend: st
     log_dir = tmp / f"{config}-{backend}"
     log_dir.mkdir(parents=True, exist_ok=True)
     async with server_process(weights, avatar, log_dir, backend=backend, max_sessions=max(args.sessions),
-                              max_batch=args.max_batch, device=args.device,
-                              extra=args.serve_arg) as (url, _proc, _health, _config):
+                              max_batch=args.max_batch, device=args.device, extra=args.serve_arg,
+                              cpus=split_cores(args.server_cores)[0]) as (url, _proc, _health, _config):
         yield url
 
 
@@ -406,7 +427,7 @@ async def _bench(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, An
                     await _wait_idle(url)
                     logger.info("%s / %s: %d session(s)", config, backend, n)
                     level = await run_level(url, Level(config, backend, n), args.warmup, args.window,
-                                            args.connect_allowance, options)
+                                            args.connect_allowance, options, split_cores(args.server_cores)[1])
                     row = summarise_level(level)
                     rows.append(row)
                     logger.info("%d session(s): %s ms CPU per session-second, %.1f %% late, kept up: %s", n,
@@ -437,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
           f"Python {platform.python_version()}; load average {load} at the start; {date}")
     print("Servers: " + "; ".join(described))
+    server_cpus, client_cpus = (None, None) if args.server else split_cores(args.server_cores)
+    print("Cores: " + (f"server on {sorted(server_cpus)}, clients on {sorted(client_cpus)}" if server_cpus
+                       else "not pinned (server and clients share every core)"))
     print(f"Command: `{command}`\n")
     print(format_table(rows))
     print()

@@ -602,13 +602,20 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
         await runner.cleanup()
 
 
+def pin_to(cpus: set[int] | None):
+    """A ``preexec_fn`` that keeps a child process (and every thread it starts) on ``cpus``; None: no pinning."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 @contextlib.asynccontextmanager
 async def server_process(weights: Path, avatar: Path | None, log_dir: Path, *, backend: str = "auto",
                          max_sessions: int = 8, max_batch: int = 16, render_budget: float | None = None,
-                         device: str | None = None, extra: Sequence[str] = ()):
+                         device: str | None = None, extra: Sequence[str] = (), cpus: set[int] | None = None):
     """``edtalk-live serve --workers 1`` started as its own process on a free port; yields ``(url, process,
     health, config)`` once it answers, and stops it afterwards. Its log goes to ``log_dir/server.log``. Without
-    ``avatar`` the server shows its built-in portrait."""
+    ``avatar`` the server shows its built-in portrait. ``cpus``: the cores it may run on (Linux; all by default)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "edtalk_live.clients.cli", "-v",
            "serve", "--weights", str(weights), *(["--avatar", str(avatar)] if avatar else []), "--port", str(port),
@@ -621,7 +628,8 @@ async def server_process(weights: Path, avatar: Path | None, log_dir: Path, *, b
     log_path = log_dir / "server.log"
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                                preexec_fn=pin_to(cpus))
     try:
         deadline = time.monotonic() + 600
         while True:

@@ -165,7 +165,8 @@ class AvatarServer:
         # the producer's tick); its start value comes from timing the renderer at start-up (_warm_up)
         self.budget = RenderBudget(floor=settings.jitter_margin + PRODUCER_TICK_S)
         self.scheduler = FrameScheduler(renderer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
-        self.lip_batcher = LipBatcher(renderer.audio_to_lip, functools.partial(self.scheduler.run, stage="lipsync"))
+        self.lip_batcher = LipBatcher(renderer.audio_to_lip, functools.partial(self.scheduler.run, stage="lipsync"),
+                                      hold=PRODUCER_TICK_S)
         self.peers: dict[str, _Peer] = {}
         self._pastes: dict[str, Any] = {}
         self.started = time.time()

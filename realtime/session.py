@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -53,7 +54,9 @@ from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, Ses
 
 logger = logging.getLogger(__name__)
 
-#: the producer's period: every session feeds its new audio to the lip sync and pops final frames on this grid
+#: the longest a final frame waits before its mouth is computed: a session's producer wakes when audio
+#: arrives (and at least this often, for the silence fill when none does), and the lip batcher holds a pop
+#: at most this long for the other sessions' pops (one Audio2Lip call and one render batch for all of them)
 PRODUCER_TICK_S = 0.02
 #: a session judges its render budget over this many recent frames (4 s), and changes it at most this often
 BUDGET_WINDOW_FRAMES = 100
@@ -145,6 +148,7 @@ class Session:
         self._avatar = None
         self._generation = 0               # bumped by interrupt: renders started before are discarded
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=400)
+        self._audio_arrived = asyncio.Event()      # wakes the producer (with the lip batcher)
         self._tasks: set[asyncio.Task] = set()
         self._last_audio = self.clock.now()
         self.paste = paste                 # uint8 [B,S,S,3] -> uint8 [B,H,W,3] (paste-back), or None
@@ -162,6 +166,8 @@ class Session:
         self.started = True
         self.clock.restart()
         self._last_audio = 0.0
+        if self.lip_batcher is not None:
+            self.lip_batcher.join(self.lips)
         self._spawn(self._produce(), "producer")
 
     def _spawn(self, coro, name: str) -> asyncio.Task | None:
@@ -183,6 +189,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        if self.lip_batcher is not None:
+            self.lip_batcher.leave(self.lips)
         for t in (self.video, self.voice):
             t.stop()
         tasks = list(self._tasks)
@@ -225,6 +233,7 @@ class Session:
         if first and self.audio.anchored:   # the wall-clock moment of the first sample's place on the clock
             self.stats.first_audio_wall = time.time() + self.audio.anchor_pos / RATE - now
         self._arrivals.append((self.audio.cursor, now))
+        self._audio_arrived.set()
 
     def push_samples(self, samples: np.ndarray, pos: int | None = None) -> None:
         """16 kHz mono float samples at session sample ``pos`` (default: where the last audio ended)."""
@@ -234,6 +243,7 @@ class Session:
         self.audio.ring.write(start, samples)
         self.audio.cursor = max(self.audio.cursor, start + len(samples))
         self._arrivals.append((self.audio.cursor, now))
+        self._audio_arrived.set()
 
     @property
     def idle_seconds(self) -> float:
@@ -249,10 +259,12 @@ class Session:
 
     # ------------------------------------------------------------ production
     async def _produce(self, tick: float = PRODUCER_TICK_S) -> None:
-        loop = asyncio.get_running_loop()
         while not self.closed:
-            # tick on a grid shared by all sessions, so the lip batcher sees their pops together
-            await self.clock.sleep(tick - loop.time() % tick if self.lip_batcher is not None else tick)
+            if self.lip_batcher is not None:
+                # a frame is popped as soon as its audio is here; the lip batcher then gathers the sessions
+                await self._audio_or(tick)
+            else:
+                await self.clock.sleep(tick)
             if self._interrupt:                # the lip-sync is only touched here, never during a pop
                 self._interrupt = False
                 self.lips.reset()
@@ -289,6 +301,14 @@ class Session:
                 frames = await self.scheduler.run(self.lips.pop, stage="lipsync")
             for f in restart + frames:
                 self._spawn(self._render(f, self._generation), f"frame-{f.index}")
+
+    async def _audio_or(self, timeout: float) -> None:
+        """Until audio arrives or ``timeout`` seconds pass."""
+        if not self._audio_arrived.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._audio_arrived.wait()
+        self._audio_arrived.clear()
 
     async def _restart_at(self, anchor: int) -> list[LipFrame]:
         """Start the lip-sync's stream where the speech starts (sample ``anchor``, on a frame boundary).

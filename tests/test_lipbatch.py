@@ -113,3 +113,55 @@ def test_batcher_gathers_sessions_that_tick_together():
             frames += ref.pop()
         _frames_equal(got[k], frames)
     assert batcher.pops > batcher.calls, "pops of several sessions were not merged"
+
+
+def test_members_out_of_phase_share_every_call_and_nobody_waits_longer_than_hold():
+    """Two sessions whose frames become final 15 ms apart (in a 40 ms period): each gathering waits for
+    the other member, so every Audio2Lip call serves both; no pop waits longer than ``hold``; a member
+    that stops asking holds the other back at most ``hold``, and none once it leaves."""
+    a2l = CountingA2L()
+    hold = 0.02
+    streams = _streams(2, seconds=1.2)
+
+    async def main():
+        async def run(fn, *args):
+            return fn(*args)
+
+        batcher = LipBatcher(a2l, run=run, hold=hold)
+        lips = [StreamingLipSync(a2l, LipSyncConfig(cut_to_frames=False)) for _ in streams]
+        for x in lips:
+            batcher.join(x)
+        waits: list[float] = []
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def session(k, phase):
+            for i, start in enumerate(range(0, len(streams[k]), 640)):
+                await asyncio.sleep(max(0.0, t0 + phase + 0.04 * i - loop.time()))
+                lips[k].push(streams[k][start:start + 640])
+                if lips[k].ready():
+                    asked = loop.time()
+                    await batcher.pop(lips[k])
+                    waits.append(loop.time() - asked)
+
+        await asyncio.gather(session(0, 0.0), session(1, 0.015))
+        shared = (batcher.calls, batcher.pops)
+        # one member stops asking: the other's pop is held at most `hold`, then not at all once it left
+        lips[0].push(streams[0][:640 * 8])
+        asked = loop.time()
+        await batcher.pop(lips[0])
+        held = loop.time() - asked
+        batcher.leave(lips[1])
+        lips[0].push(streams[0][:640 * 2])
+        asked = loop.time()
+        await batcher.pop(lips[0])
+        alone = loop.time() - asked
+        await batcher.close()
+        return shared, waits, held, alone
+
+    (calls, pops), waits, held, alone = asyncio.run(main())
+    assert pops >= 40
+    assert calls <= pops / 2 + 2, f"{calls} Audio2Lip calls for {pops} pops: the members were not held together"
+    assert max(waits) < hold + 0.015, f"a pop waited {max(waits) * 1000:.0f} ms (hold {hold * 1000:.0f} ms)"
+    assert hold * 0.9 <= held < hold + 0.015
+    assert alone < hold / 2
