@@ -50,11 +50,13 @@ from typing import Any
 
 from edtalk_live.benchmarks.latency import (
     _f,
+    _free_port,
     _get_json,
     _wait_idle,
     pin_to,
     positive_ints,
     server_process,
+    spawn_server,
     speech_like,
     write_random_weights,
 )
@@ -114,6 +116,10 @@ async def snapshot(url: str) -> Snapshot:
 
 
 # ================================================================================================ levels
+
+
+#: the backend column of the rows measured against benchmarks/aiortc_floor.py (aiortc's own cost)
+FLOOR = "aiortc only"
 
 
 @dataclass
@@ -274,20 +280,26 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for key in dict.fromkeys((r["config"], r["backend"]) for r in rows):
         kept = [r for r in rows if (r["config"], r["backend"]) == key and r["kept_up"]]
         best = max(kept, key=lambda r: r["sessions"]) if kept else None
+        floor = next((r for r in rows if best and key[1] != FLOOR and r["backend"] == FLOOR
+                      and r["config"] == key[0] and r["sessions"] == best["sessions"] and r["kept_up"]), None)
         out.append({"config": key[0], "backend": key[1],
                     "held_here": best["sessions"] if best else 0,
                     "cpu_ms_per_session_s": best["cpu_ms_per_session_s"] if best else None,
-                    "sessions_per_core": 1000 / best["cpu_ms_per_session_s"] if best else None})
+                    "sessions_per_core": 1000 / best["cpu_ms_per_session_s"] if best else None,
+                    "floor_ms_per_session_s": floor["cpu_ms_per_session_s"] if floor else None})
     return out
 
 
 def format_summary(items: Sequence[dict[str, Any]], idle: dict[str, float]) -> str:
     lines = ["| config | backend | idle server (cores) | held here (sessions, ≤ 1 % late) | CPU / session-s there (ms) "
-             "| sessions per core at 25 fps |", "|---|---|---:|---:|---:|---:|"]
+             f"| sessions per core at 25 fps | {FLOOR} there (ms) | × {FLOOR} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in items:
         cores = idle.get(s["config"] + "/" + s["backend"])
-        lines.append(f"| {s['config']} | {s['backend']} | {_f(cores, 3)} | "
-                     f"{s['held_here']} | {_f(s['cpu_ms_per_session_s'])} | {_f(s['sessions_per_core'], 1)} |")
+        cpu, floor = s["cpu_ms_per_session_s"], s.get("floor_ms_per_session_s")
+        ratio = f"{cpu / floor:.2f}×" if cpu and floor else "—"
+        lines.append(f"| {s['config']} | {s['backend']} | {_f(cores, 3)} | {s['held_here']} | {_f(cpu)} | "
+                     f"{_f(s['sessions_per_core'], 1)} | {_f(floor)} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -360,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-cores", type=int, default=1, metavar="N",
                    help="run a started server on N cores and the clients on the others (1: what one core "
                         "holds; 0: no pinning; ignored without more cores than N)")
+    p.add_argument("--baseline", action="store_true",
+                   help=f"also ramp the same sessions against a server that computes nothing ('{FLOOR}': "
+                        "benchmarks/aiortc_floor.py, the same media), per config")
     p.add_argument("--sessions", type=positive_ints, default=[1, 2, 4], help="levels of the ramp (1,2,4)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds after all sessions are up before measuring (3)")
     p.add_argument("--window", type=float, default=10.0, help="seconds measured per level (10)")
@@ -405,6 +420,31 @@ async def _servers(args: argparse.Namespace, tmp: Path, config: str, backend: st
         yield url
 
 
+@contextlib.asynccontextmanager
+async def floor_process(size: int, log_dir: Path, cpus: set[int] | None = None):
+    """:mod:`~edtalk_live.benchmarks.aiortc_floor` (the same media, nothing computed) as its own process; yields
+    its URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "edtalk_live.benchmarks.aiortc_floor", "--port", str(port), "--size", str(size)]
+    async with spawn_server(cmd, port, log_dir, cpus) as (url, _proc, _health, _config):
+        yield url
+
+
+async def _ramp(url: str, config: str, backend: str, args: argparse.Namespace, options: dict[str, Any],
+                rows: list[dict[str, Any]]) -> None:
+    for n in args.sessions:
+        await _wait_idle(url)
+        logger.info("%s / %s: %d session(s)", config, backend, n)
+        level = await run_level(url, Level(config, backend, n), args.warmup, args.window,
+                                args.connect_allowance, options, split_cores(args.server_cores)[1])
+        row = summarise_level(level)
+        rows.append(row)
+        logger.info("%d session(s): %s ms CPU per session-second, %.1f %% late, kept up: %s", n,
+                    _f(row.get("cpu_ms_per_session_s")), 100 * row.get("late_fraction", 1.0), row["kept_up"])
+        for e in level.client_errors:
+            logger.warning("client: %s", e)
+
+
 async def _bench(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, float], list[str]]:
     rows: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
@@ -413,9 +453,11 @@ async def _bench(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, An
     backends = ["server"] if args.server else args.backends
     options = {"low_latency": True} if args.low_latency else {}
     for config in configs:
+        size = None
         for backend in backends:
             async with _servers(args, tmp, config, backend) as url:
                 health = await _get_json(f"{url}/health", timeout=10.0)
+                size = (await _get_json(f"{url}/config", timeout=10.0)).get("size", size)
                 described.append(f"{config} / {backend}: {health.get('backend', '?')}")
                 logger.info("server %s: %s", url, described[-1])
                 if args.idle > 0:
@@ -423,18 +465,14 @@ async def _bench(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, An
                     await asyncio.sleep(1.0)
                     idle[f"{config}/{backend}"] = await _idle_cpu(url, args.idle)
                     logger.info("idle server: %.3f cores", idle[f"{config}/{backend}"])
-                for n in args.sessions:
-                    await _wait_idle(url)
-                    logger.info("%s / %s: %d session(s)", config, backend, n)
-                    level = await run_level(url, Level(config, backend, n), args.warmup, args.window,
-                                            args.connect_allowance, options, split_cores(args.server_cores)[1])
-                    row = summarise_level(level)
-                    rows.append(row)
-                    logger.info("%d session(s): %s ms CPU per session-second, %.1f %% late, kept up: %s", n,
-                                _f(row.get("cpu_ms_per_session_s")), 100 * row.get("late_fraction", 1.0),
-                                row["kept_up"])
-                    for e in level.client_errors:
-                        logger.warning("client: %s", e)
+                await _ramp(url, config, backend, args, options, rows)
+        if args.baseline and size:
+            log_dir = tmp / f"{config}-floor"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            async with floor_process(int(size), log_dir, split_cores(args.server_cores)[0]) as url:
+                described.append(f"{config} / {FLOOR}: benchmarks/aiortc_floor.py, a still {size}² picture, "
+                                 "the voice echoed")
+                await _ramp(url, config, FLOOR, args, options, rows)
     return rows, idle, described
 
 

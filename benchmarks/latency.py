@@ -625,11 +625,19 @@ async def server_process(weights: Path, avatar: Path | None, log_dir: Path, *, b
            *(["--device", device] if device else []), *extra]
     if _no_alignment():
         cmd.append("--no-align")
+    async with spawn_server(cmd, port, log_dir, cpus) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def spawn_server(cmd: Sequence[str], port: int, log_dir: Path, cpus: set[int] | None = None):
+    """Run ``cmd``, a server of edtalk-live's HTTP interface on ``port``; yields ``(url, process, health,
+    config)`` once ``/health`` and ``/config`` answer, and stops it afterwards (log: ``log_dir/server.log``)."""
     log_path = log_dir / "server.log"
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
-                                preexec_fn=pin_to(cpus))
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).resolve().parents[1], preexec_fn=pin_to(cpus))
     try:
         deadline = time.monotonic() + 600
         while True:

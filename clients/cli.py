@@ -146,8 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reclaim a session whose peer has not connected after this many seconds (15)")
     serve.add_argument("--ice-server", action="append", metavar="URL",
                        help="STUN/TURN server for peers behind NAT, e.g. stun:stun.l.google.com:19302 (repeatable)")
-    serve.add_argument("--turn-username", help="username for the TURN servers")
-    serve.add_argument("--turn-credential", help="credential for the TURN servers")
+    serve.add_argument("--turn-secret", metavar="SECRET",
+                       help="the TURN server's shared secret (coturn: static-auth-secret): each caller with a token "
+                       "gets its own credentials for the turn: servers, valid --turn-ttl seconds (needs "
+                       "--token-secret; default: $EDTALK_LIVE_TURN_SECRET)")
+    serve.add_argument("--turn-ttl", type=float, default=3600.0, metavar="S",
+                       help="seconds the TURN credentials of --turn-secret stay valid (3600; at least the longest "
+                       "call that may need the relay)")
+    serve.add_argument("--turn-username", help="fixed username for the TURN servers (without --turn-secret)")
+    serve.add_argument("--turn-credential", help="fixed credential for the TURN servers (without --turn-secret)")
     serve.add_argument("--udp-ports", metavar="LO-HI", help="UDP port range for media, e.g. 40000-40100")
     serve.add_argument("--token-secret", metavar="SECRET",
                        help="HS256 secret (32+ bytes): POST /offer then needs 'Authorization: Bearer <JWT>' "

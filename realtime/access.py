@@ -13,10 +13,16 @@ sees the client's address; its workers see only the supervisor's):
   an explicit ``--insecure``.
 * **CORS** (:func:`cors_middleware`): only the origins given (``--cors-origin``) get CORS headers;
   with none, the page's own origin is the only one a browser lets call the API.
+* **TURN credentials** (:func:`turn_credentials`): with ``--turn-secret`` (the ``static-auth-secret`` of a
+  coturn-style TURN server) each caller gets its own short-lived username and password (the "TURN REST
+  API" scheme), and only a caller holding a valid token gets them.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import ipaddress
 import os
 import time
@@ -34,6 +40,8 @@ TOKEN_AUDIENCE = "edtalk-live"
 TOKEN_ALGORITHM = "HS256"
 #: the environment variable read when ``--token-secret`` is not given
 TOKEN_SECRET_ENV = "EDTALK_LIVE_TOKEN_SECRET"
+#: the environment variable read when ``--turn-secret`` is not given
+TURN_SECRET_ENV = "EDTALK_LIVE_TURN_SECRET"
 #: the shortest secret accepted (RFC 7518 section 3.2: an HS256 key of at least 256 bits)
 MIN_SECRET_BYTES = 32
 
@@ -60,6 +68,18 @@ def make_token(secret: str, ttl_s: float = 3600.0, subject: str | None = None, n
     if subject:
         claims["sub"] = subject
     return jwt.encode(claims, secret, algorithm=TOKEN_ALGORITHM)
+
+
+def turn_credentials(secret: str, ttl_s: float, user: str = TOKEN_AUDIENCE, now: float | None = None
+                     ) -> dict[str, str]:
+    """Time-limited TURN credentials (the TURN REST API scheme, coturn's ``use-auth-secret``): the username is
+    ``<expiry unix time>:<user>`` and the password ``base64(HMAC-SHA1(secret, username))``; the TURN server,
+    given the same secret, accepts them until the expiry. HMAC-SHA1 is what that scheme fixes (it is an HMAC,
+    where SHA-1's collisions do not matter). Nothing is stored: any number of callers, no state."""
+    now = time.time() if now is None else now
+    username = f"{int(now + ttl_s)}:{user}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return {"username": username, "credential": base64.b64encode(digest).decode("ascii")}
 
 
 def is_loopback(host: str) -> bool:
@@ -103,6 +123,10 @@ class OfferGate:
                 return web.json_response({"error": why}, status=401,
                                          headers={"WWW-Authenticate": f'Bearer realm="{TOKEN_AUDIENCE}"'})
         return None
+
+    def authenticated(self, request: web.Request) -> bool:
+        """Whether ``request`` carries a valid token (always False on a server without a token secret)."""
+        return self.secret is not None and self.token_error(request.headers.get("Authorization")) is None
 
     def token_error(self, header: str | None) -> str | None:
         """Why ``header`` (an ``Authorization`` value) does not hold a valid token, or ``None`` when it does."""

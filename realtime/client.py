@@ -179,6 +179,20 @@ class _Writer:
             raise EDTalkError(f"could not record {self.path}: {self.error}")
 
 
+async def _ice_servers(base: str, headers: dict[str, str] | None) -> list[dict]:
+    """The ICE servers the server's ``/config`` gives this client (with a token: TURN credentials made for
+    it); none when it gives none or cannot be asked (the offer then says why)."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/config", headers=headers,
+                                                            timeout=aiohttp.ClientTimeout(total=10)) as r:
+            servers = (await r.json(content_type=None)).get("ice_servers", []) if r.status == 200 else []
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return []
+    return [e for e in servers if isinstance(e, dict) and e.get("urls")]
+
+
 async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Path | None = None,
                      options: dict[str, Any] | None = None, tail: float | None = None,
                      connect_timeout: float = 20.0, keep_frames: bool = False,
@@ -196,13 +210,17 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     is sent as ``Authorization: Bearer <token>`` (a server with a token secret needs it).
     """
     import aiohttp
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
     samples = audio if isinstance(audio, np.ndarray) else load_audio(audio, RATE)
     base = server.rstrip("/")
     result = ClientResult(out=Path(out) if out else None, sent_seconds=len(samples) / RATE)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    ice = await _ice_servers(base, headers)
     writer = _Writer(result.out) if result.out else None
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))      # aiortc's default (None) asks a public STUN server
+    # the server's ICE servers; none when it has none (aiortc's default for None asks a public STUN server)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[
+        RTCIceServer(urls=e["urls"], username=e.get("username"), credential=e.get("credential")) for e in ice]))
     sender_track = FileAudioTrack(samples)
     pc.addTrack(sender_track)
     pc.addTransceiver("video", direction="recvonly")
@@ -267,7 +285,6 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
         payload = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, **(options or {})}
         async with aiohttp.ClientSession() as http:
             try:
-                headers = {"Authorization": f"Bearer {token}"} if token else None
                 async with http.post(f"{base}/offer", json=payload, headers=headers) as resp:
                     body = await resp.json(content_type=None)
                     if resp.status != 200:

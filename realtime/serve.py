@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from edtalk_live.avatar.prepare import default_avatar
 from edtalk_live.avatar.store import AvatarStore
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.media.weights import find_weights, load_preset
-from edtalk_live.realtime.access import secret_from_args
+from edtalk_live.realtime.access import TURN_SECRET_ENV, secret_from_args
 from edtalk_live.realtime.server import AvatarServer, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -75,12 +76,17 @@ def settings_from_args(args, host: str | None = None, port: int | None = None,
         except ValueError:
             raise InputError(f"--udp-ports must look like 40000-40100, got {args.udp_ports!r}") from None
         ports = (lo, hi)
-    ice = []
+    ice, turn = [], []
+    turn_secret = getattr(args, "turn_secret", None) or os.environ.get(TURN_SECRET_ENV) or None
     for url in args.ice_server or []:
         entry = {"urls": url}
         if url.startswith(("turn:", "turns:")):
+            if turn_secret:                    # credentials made per caller (TURN REST API)
+                turn.append(url)
+                continue
             if not (args.turn_username and args.turn_credential):
-                raise InputError(f"TURN server {url} needs --turn-username and --turn-credential")
+                raise InputError(f"TURN server {url} needs --turn-secret (credentials made per caller), or "
+                                 "--turn-username and --turn-credential")
             entry.update(username=args.turn_username, credential=args.turn_credential)
         ice.append(entry)
     return ServerSettings(host=args.host if host is None else host, port=args.port if port is None else port,
@@ -91,7 +97,9 @@ def settings_from_args(args, host: str | None = None, port: int | None = None,
                           audio_prefetch=args.audio_prefetch, token_secret=secret_from_args(args),
                           offer_rate=None if behind_supervisor or not args.offer_rate else args.offer_rate,
                           offer_burst=args.offer_burst,
-                          cors_origins=() if behind_supervisor else tuple(args.cors_origin or ()))
+                          cors_origins=() if behind_supervisor else tuple(args.cors_origin or ()),
+                          turn_servers=tuple(turn), turn_secret=turn_secret if turn else None,
+                          turn_ttl=getattr(args, "turn_ttl", 3600.0))
 
 
 def server_from_args(args, host: str | None = None, port: int | None = None,

@@ -35,7 +35,7 @@ from aiohttp import web
 from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
-from edtalk_live.realtime.access import OfferGate, cors_middleware
+from edtalk_live.realtime.access import OfferGate, cors_middleware, turn_credentials
 from edtalk_live.realtime.budget import RenderBudget
 from edtalk_live.realtime.limits import TokenBuckets, check_offer_sdp, clip, excerpt, loads_bounded
 from edtalk_live.realtime.lipbatch import LipBatcher
@@ -88,6 +88,10 @@ class ServerSettings:
     token_secret: str | None = field(default=None, repr=False)
     #: web origins allowed to call the server from their pages (CORS); none: the page's own origin only
     cors_origins: tuple[str, ...] = ()
+    #: TURN servers whose credentials are made per caller from ``turn_secret`` (TURN REST API), valid ``turn_ttl`` s
+    turn_servers: tuple[str, ...] = ()
+    turn_secret: str | None = field(default=None, repr=False)
+    turn_ttl: float = 3600.0
     #: control messages a second per session, and how many may come at once; the rest are dropped
     control_rate: float = 20.0
     control_burst: int = 50
@@ -105,6 +109,13 @@ class ServerSettings:
         if self.offer_rate is not None and not (self.offer_rate > 0 and self.offer_burst >= 1):
             raise InputError(f"offer rate must be > 0 with a burst >= 1, got {self.offer_rate:g}/s, burst "
                              f"{self.offer_burst}")
+        if self.turn_servers and not self.turn_secret:
+            raise InputError("TURN servers with per-caller credentials need a TURN secret")
+        if self.turn_secret and not self.token_secret:
+            raise InputError("TURN credentials are handed only to callers with a token: give a token secret too "
+                             "(--token-secret), or the TURN server relays for anyone who asks this one")
+        if not self.turn_ttl > 0:
+            raise InputError(f"turn_ttl must be > 0 seconds, got {self.turn_ttl}")
         if not (self.control_rate > 0 and self.control_burst >= 1):
             raise InputError(f"control rate must be > 0 with a burst >= 1, got {self.control_rate:g}/s, burst "
                              f"{self.control_burst}")
@@ -249,12 +260,23 @@ class AvatarServer:
             return web.Response(status=404, text="the browser page is not installed")
         return web.FileResponse(page)
 
-    async def config(self, _request: web.Request) -> web.Response:
+    def ice_servers(self, authenticated: bool = True) -> list[dict]:
+        """The ICE servers for a peer: the configured ones, plus the TURN servers with credentials made now for
+        this peer. A caller that is not ``authenticated`` gets no credentials: neither these nor configured
+        ones, when the server has a token secret (without one, anyone may call it and gets what it uses)."""
+        s = self.settings
+        open_server = s.token_secret is None
+        out = [dict(e) for e in s.ice_servers if authenticated or open_server or "credential" not in e]
+        if s.turn_servers and authenticated:
+            out += [{"urls": url, **turn_credentials(s.turn_secret, s.turn_ttl)} for url in s.turn_servers]
+        return out
+
+    async def config(self, request: web.Request) -> web.Response:
         return web.json_response({
             "avatars": list(self.avatars),
             "emotions": sorted(self.presets),
             "pose_modes": [m for m in POSE_MODES if m != "clip" or self.clip_poses is not None],
-            "ice_servers": list(self.settings.ice_servers),
+            "ice_servers": self.ice_servers(self.gate.authenticated(request)),
             "size": self.renderer.config.size,
             "family": self.renderer.config.family,
         })
@@ -316,7 +338,7 @@ class AvatarServer:
 
         return RTCConfiguration(iceServers=[
             RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-            for s in self.settings.ice_servers])
+            for s in self.ice_servers()])
 
     async def _connect(self, sdp: str, options: SessionOptions) -> dict:
         from aiortc import RTCPeerConnection, RTCSessionDescription

@@ -252,10 +252,12 @@ class Session:
 
     def _arrival_time(self, pos: int) -> float | None:
         """Session time at which sample ``pos`` had arrived (None when it never arrived as audio)."""
-        for end, t in self._arrivals:
-            if end >= pos:
-                return t
-        return None
+        found = None
+        for end, t in reversed(self._arrivals):      # the sample asked for arrived lately: scan from the newest
+            if end < pos:
+                break
+            found = t
+        return found
 
     # ------------------------------------------------------------ production
     async def _produce(self, tick: float = PRODUCER_TICK_S) -> None:

@@ -113,7 +113,10 @@
 
   async function loadConfig() {
     try {
-      const response = await fetch("config", { cache: "no-store" });
+      // with the token: a server with per-caller TURN credentials hands them only to token holders
+      const response = await fetch("config", {
+        cache: "no-store", headers: TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {},
+      });
       if (!response.ok) throw new Error(`GET config answered ${response.status}`);
       const config = await response.json();
       app.config = config;
