@@ -344,6 +344,7 @@ class AvatarServer:
             def on_datachannel(channel):
                 bucket = TokenBuckets(self.settings.control_rate, self.settings.control_burst)
                 limited = {"now": False}
+                session.attach_events(lambda event: channel.send(json.dumps(event)))
 
                 @channel.on("message")
                 def on_message(message):
