@@ -10,71 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import Running, until  # tests/ is on sys.path (pytest's rootdir conftest)
 
+from edtalk_live.benchmarks.loss import MAX_AV_SYNC_MS, MIN_FPS, Poison, unavailable
 from edtalk_live.realtime.client import run_client
 from edtalk_live.realtime.protocol import RENDER_FAILED
 
 pytestmark = pytest.mark.slow
 
 
-class Poison:
-    """Makes ``renderer.render`` raise CUDA's out-of-memory error for every batch holding a frame of an avatar
-    prepared with an expression other than the photo's own: the frames of a session that asked for an emotion.
-
-    Installed on the server's renderer object, so the scheduler's batches of every session go through it.
-    """
-
-    def __init__(self, renderer, rest_exp: torch.Tensor):
-        self.active = True
-        self.raised = 0
-        self._poisoned: list = []          # avatars are compared by identity: kept alive here
-        prepare, render = renderer.prepare_expression, renderer.render
-
-        def prepare_expression(source, exp):
-            avatar = prepare(source, exp)
-            if exp is not None and not torch.allclose(exp, rest_exp, atol=1e-5):
-                self._poisoned.append(avatar)
-            return avatar
-
-        def render_(avatars, lip, pose):
-            batch = avatars if isinstance(avatars, list) else [avatars]
-            if self.active and any(a is p for a in batch for p in self._poisoned):
-                self.raised += 1
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (injected)")
-            return render(avatars, lip, pose)
-
-        renderer.prepare_expression = prepare_expression
-        renderer.render = render_
-
-
 def test_a_failing_session_leaves_the_other_at_25_fps(edtalk_weights, face_image, speech):
-    """Two live sessions; the renderer fails on every frame of one of them for its first 4 s. The healthy one keeps
-    25 fps with no frame late; the poisoned one gets one error event, keeps receiving frames (its last one
-    repeated) and renders again once the fault is gone."""
+    """Two live sessions; the renderer fails on every frame of the second (its head still) for 4 s (CUDA's
+    out-of-memory error, inside the batch). The first keeps 25 fps with no frame late; the second gets one
+    error event, keeps receiving frames (its last one repeated) and renders again once the fault is gone."""
     seconds, fault_s = 8.0, 4.0
     audio = speech[: int(seconds * 16000)]
 
     async def main():
         async with Running(edtalk_weights, face_image) as srv:
-            assets = next(iter(srv.server.avatars.values()))
-            poison = Poison(srv.server.renderer, assets.rest_exp)
+            poison = Poison(srv.server.renderer, next(iter(srv.server.avatars.values())).rest_pose)
 
             async def heal():
-                await until(lambda: len(srv.server.peers) == 2, 30)
+                await until(lambda: poison.raised, 30)
                 await asyncio.sleep(fault_s)
                 poison.active = False
 
             healing = asyncio.create_task(heal())
             healthy, poisoned = await asyncio.gather(run_client(srv.url, audio, None, {}),
-                                                     run_client(srv.url, audio, None, {"emotion": "happy"}))
+                                                     run_client(srv.url, audio, None, {"pose": "still"}))
             await healing
             await until(lambda: not srv.server.peers)
             return healthy, poisoned, poison.raised, await srv.metrics(), srv.server.scheduler.stats
@@ -95,7 +62,7 @@ def test_a_failing_session_leaves_the_other_at_25_fps(edtalk_weights, face_image
     assert poisoned.video_frames >= 24 * seconds, (poisoned.video_frames, p)
     assert p["frames_failed"] >= 25 * (fault_s - 1), p
     assert p["frames_repeated"] >= p["frames_failed"] - 3, p          # its slots showed the last good frame
-    assert not p["render_failing"] and p["frames_rendered"] >= 25 * (seconds - fault_s - 1), p
+    assert not p["render_failing"] and p["frames_rendered"] >= 25 * (seconds - fault_s - 2), p
 
     failures = metrics[("edtalk_render_failures_total", (("reason", "out_of_memory"),))][1]
     assert failures >= p["frames_failed"], metrics
@@ -106,31 +73,23 @@ def test_a_failing_session_leaves_the_other_at_25_fps(edtalk_weights, face_image
 # ------------------------------------------------------------------------------------------ packet loss
 
 
-def lossy_namespace_unavailable() -> str | None:
-    """Why the packet-loss test cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (a network namespace with an nftables rule)"
-    for tool in ("unshare", "ip", "nft"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not found (apt-get install nftables iproute2 util-linux)"
-    return None
-
-
 def test_call_holds_under_five_percent_packet_loss(tmp_path, edtalk_weights, face_image):
-    """60 s of a call whose UDP packets are dropped at 5 % both ways: >= 20 fps in every 10 s window, lips and
-    voice within 40 ms of each other. ``benchmarks/loss.py`` runs the same at full length."""
-    why = lossy_namespace_unavailable()
+    """60 s of a call whose UDP packets are dropped at 5 % both ways, after 10 s without: >= 20 fps delivered in
+    every 10 s window, lips and voice within 40 ms of the no-loss baseline. ``benchmarks/loss.py`` runs the same
+    at full length."""
+    why = unavailable()
     if why:
         pytest.skip(why)
     out = tmp_path / "loss.json"
     cmd = [sys.executable, "-m", "edtalk_live.benchmarks.loss", "--seconds", "60", "--loss", "5",
            "--weights", str(edtalk_weights), "--avatar", str(face_image), "--json", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     windows = report["windows"]
     assert len(windows) == 6, windows
     assert report["udp_dropped"] > 0, "the nftables rule dropped nothing"
     for w in windows:
-        assert w["fps"] >= 20, w
-        assert w["av_offset_ms_p50"] is not None and abs(w["av_sync_ms"]) <= 40, w
+        assert w["fps"] >= MIN_FPS, w
+        assert w["av_measured"] > 100 and abs(w["av_sync_ms"]) <= MAX_AV_SYNC_MS, w
+    assert report["server"]["frames_repeated"] <= 0.01 * 25 * 70, report["server"]
