@@ -405,8 +405,8 @@ class AvatarServer:
 
     def _shorten_audio_buffer(self, pc, track) -> None:
         """The peer's audio arrives after ``audio_prefetch`` frames, and a lost packet holds it up by one
-        (:func:`~edtalk_live.realtime.audio_in.shorten_audio_buffer`; checked by tests/test_server_e2e.py's
-        latency test and tests/test_faults.py's loss test)."""
+        (:func:`~edtalk_live.realtime.audio_in.shorten_audio_buffer`; exercised by tests/test_faults.py's
+        packet-loss test)."""
         shorten_audio_buffer(pc, track, self.settings.audio_prefetch)
 
     @staticmethod
