@@ -234,9 +234,11 @@ async def _call(args: argparse.Namespace, weights: Path, avatar: Path, note: str
 
         control = [(args.baseline, begin_loss)] if args.loss > 0 else None
         # the voice gets the server's receive buffer (aiortc's would hold it 300 ms after the first loss); the
-        # tail leaves time for the frames aiortc's video buffer holds after a packet lost twice (see RESULTS.md)
+        # tail leaves time for the frames aiortc's video buffer holds back after packets lost twice: about a
+        # tenth of the call, at most its 512 packets (~20 s at 64²; see RESULTS.md)
+        tail = TAIL_S + min(0.1 * args.seconds, 22.0) if args.loss > 0 else TAIL_S
         main = asyncio.create_task(run_client(info.url, audio, None, options={"probe": True}, keep_frames=True,
-                                              record_window=False, tail=TAIL_S + 0.05 * args.seconds,
+                                              record_window=False, tail=tail,
                                               control=control, audio_prefetch=1))
         poisoned = None
         if poison is not None:
@@ -312,8 +314,9 @@ def report(data: dict[str, Any]) -> str:
         "",
         f"Server: in this process; backend {data['backend']}; model {data['model']}; {data['date']}",
         "",
-        f"Call: {data['baseline_s']:g} s without loss, then {data['seconds']:g} s at {data['loss']:g} % UDP loss, "
-        f"built-in speech-like audio, probe mode; {dropped}; server: {s.get('frames_repeated')} frames repeated, "
+        "Call: " + (f"{data['baseline_s']:g} s without loss, then {data['seconds']:g} s at {data['loss']:g} % UDP loss"
+                    if data["loss"] else f"{data['baseline_s'] + data['seconds']:g} s") +
+        f", built-in speech-like audio, probe mode; {dropped}; server: {s.get('frames_repeated')} frames repeated, "
         f"{s.get('frames_skipped')} skipped, {s.get('frames_dropped')} dropped, {s.get('audio_gap_ms')} ms of "
         f"incoming audio lost and filled with silence, A/V offset at the server {s.get('av_offset_ms')} ms "
         f"(max {s.get('av_offset_ms_max')} ms); at the client: video latency p50 {_f(data['video_latency_ms_p50'])} "

@@ -522,6 +522,7 @@ class Session:
             "frames_skipped": v.skipped,
             "frames_dropped": self.stats.frames_dropped,
             "frames_failed": self.stats.frames_failed,
+            "render_failures": self.stats.render_failures,
             "render_failing": self._failing,
             "audio_frames_in": self.stats.audio_frames,
             "audio_gap_ms": round(self.audio.gap_samples / RATE * 1000, 1),
