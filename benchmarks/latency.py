@@ -166,6 +166,7 @@ class SessionMeasure:
     video_latency_ms: list[float] = field(default_factory=list)
     voice_latency_ms: list[float] = field(default_factory=list)     # at the first sample of every usable frame
     av_offset_ms: list[float] = field(default_factory=list)
+    av_offset_at: list[float] = field(default_factory=list)        # each av_offset_ms frame's arrival (wall clock)
     frames_received: int = 0
     frames_used: int = 0            # frames whose audio lies inside the sent audio
     frames_expected: int = 0        # frames the sent audio spans (640 samples each)
@@ -302,6 +303,28 @@ def _valid_indices(indices: Sequence[int]) -> np.ndarray:
     return keep
 
 
+def _placed_voice(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The received voice (at ``result.audio_rate``), each frame's arrival, and where each frame ends in it.
+
+    Frames are placed by their timestamps when the client kept them, with silence where packets were lost
+    (as the server places incoming audio): the voice then keeps one lag to the sent audio however many
+    packets were lost, instead of a step at every loss. Without timestamps, frames follow each other.
+    """
+    chunks = [np.asarray(c, np.float64).reshape(-1) for c in result.received_audio]
+    times = np.asarray([t for t, _ in result.audio_arrival], np.float64)
+    pts = list(getattr(result, "audio_pts", []))
+    if len(pts) != len(chunks) or any(p is None for p in pts):
+        return np.concatenate(chunks), times, np.asarray([n for _, n in result.audio_arrival], np.float64)
+    # RTP timestamps are 32-bit and start anywhere: unwrap them and count from the first
+    starts = np.concatenate([[0], np.cumsum([(b - a + 2**31) % 2**32 - 2**31 for a, b in itertools.pairwise(pts)])])
+    starts -= starts.min()
+    ends = starts + np.asarray([len(c) for c in chunks])
+    voice = np.zeros(int(ends.max()))
+    for c, at in zip(chunks, starts, strict=True):
+        voice[at:at + len(c)] = c
+    return voice, times, ends.astype(np.float64)
+
+
 def analyse_session(result, sent: np.ndarray, read_index=None) -> SessionMeasure:
     """Latencies and offsets of one :class:`edtalk_live.realtime.client.ClientResult` (run with ``probe`` and
     ``keep_frames``).
@@ -337,14 +360,13 @@ def analyse_session(result, sent: np.ndarray, read_index=None) -> SessionMeasure
     times = ends = None
     blocks: list[VoiceBlock] = []
     if result.received_audio and result.audio_rate:
-        received = _to_16k(np.concatenate(result.received_audio), result.audio_rate)
+        voice, times, ends = _placed_voice(result)
+        received = _to_16k(voice, result.audio_rate)
         m.voice_lag, blocks, m.voice_unmatched = voice_blocks(received, sent)
         m.voice_blocks = len(blocks)
         if blocks:
             m.voice_correlation = float(np.median([b.correlation for b in blocks]))
             m.voice_lag_steps = int(sum(abs(b.lag - a.lag) > RATE // 1000 for a, b in itertools.pairwise(blocks)))
-            times = np.asarray([t for t, _ in result.audio_arrival], np.float64)
-            ends = np.asarray([n for _, n in result.audio_arrival], np.float64)   # cumulative samples
 
     def voice_arrival(k: int) -> float | None:
         """Arrival (wall clock) of the voice packet carrying sent sample ``k`` (None: not found in the voice)."""
@@ -368,6 +390,7 @@ def analyse_session(result, sent: np.ndarray, read_index=None) -> SessionMeasure
         if va is not None:
             m.voice_latency_ms.append((va - (result.send_start + k0 / RATE)) * 1000)
             m.av_offset_ms.append((t - va) * 1000)
+            m.av_offset_at.append(float(t))
     if not m.video_latency_ms:
         m.error = f"no usable frame ({m.frames_received} received, {m.bad_index} with an unreadable index)"
     return m
@@ -755,13 +778,18 @@ def _command_line(argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", "edtalk_live.benchmarks.latency", *(sys.argv[1:] if argv is None else argv)])
 
 
-def report(rows: Sequence[dict[str, Any]], info: ServerInfo, args: argparse.Namespace, argv: Sequence[str] | None,
-           audio_note: str, load_start: str, date: str) -> str:
+def machine_line() -> str:
+    """This machine in one line, as the benchmarks' reports start."""
     from edtalk_live.benchmarks.fps import machine_description
 
     m = machine_description()
-    machine = f"{m['cpu']}, {m.get('memory', '?')} RAM; Python {m['python']}; torch {m['torch']} " \
-              f"({m['torch_threads']} threads); GPU: {m.get('gpu', 'none')}"
+    return f"{m['cpu']}, {m.get('memory', '?')} RAM; Python {m['python']}; torch {m['torch']} " \
+           f"({m['torch_threads']} threads); GPU: {m.get('gpu', 'none')}"
+
+
+def report(rows: Sequence[dict[str, Any]], info: ServerInfo, args: argparse.Namespace, argv: Sequence[str] | None,
+           audio_note: str, load_start: str, date: str) -> str:
+    machine = machine_line()
     corr = min((r["voice_correlation_min"] for r in rows if r["voice_correlation_min"] is not None), default=None)
     lines = [
         f"Machine: {machine}; load average {load_start or '?'} at the start, {_load() or '?'} at the end",

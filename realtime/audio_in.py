@@ -152,3 +152,30 @@ class AudioInput:
 
     def clear_from(self, pos: int) -> None:
         self.ring.clear_from(pos)
+
+
+def shorten_audio_buffer(pc, track, prefetch: int) -> bool:
+    """Give ``track``'s receiver on ``pc`` an audio jitter buffer that hands a frame over once ``prefetch`` more
+    have arrived (aiortc: 4), and holds as few packets as that needs (aiortc: 16). Returns False, with a
+    warning, when this aiortc has no such buffer to replace.
+
+    aiortc's buffer stops at a lost packet until it is full, then hands over one frame per packet that
+    arrives: after the first loss it stays full, 16 packets (300 ms) behind, for the rest of the call.
+    Audio here is placed by its timestamps, so a lost or reordered packet only needs to become silence:
+    with room for ``prefetch`` + 1 packets (a power of two) a loss costs one packet's wait. aiortc has no
+    setting for it: the buffer is a private attribute of ``RTCRtpReceiver``, set before any packet arrives.
+    """
+    from aiortc.jitterbuffer import JitterBuffer
+
+    capacity = 2
+    while capacity < prefetch + 1:
+        capacity *= 2
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if receiver is not None and receiver.track is track:
+            if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+                logger.warning("aiortc's audio jitter buffer not found: its default (80 ms, 300 ms after a loss) stays")
+                return False
+            receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=capacity, prefetch=prefetch)
+            return True
+    return False

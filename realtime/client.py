@@ -27,6 +27,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.edtalk.timing import SAMPLE_RATE
 from edtalk_live.media.io import load_audio
+from edtalk_live.realtime.audio_in import shorten_audio_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ClientResult:
     audio_samples: int = 0
     audio_rate: int = 0
     audio_arrival: list[tuple[float, int]] = field(default_factory=list)   # (wall time, samples so far)
+    audio_pts: list[int] = field(default_factory=list)           # each voice frame's pts (RTP clock, audio_rate)
     sent_seconds: float = 0.0
     send_start: float | None = None
     session: str = ""
@@ -197,7 +199,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
                      options: dict[str, Any] | None = None, tail: float | None = None,
                      connect_timeout: float = 20.0, keep_frames: bool = False,
                      control: list[tuple[float, dict | str | Callable[[Any], None]]] | None = None,
-                     record_window: bool = True, token: str | None = None) -> ClientResult:
+                     record_window: bool = True, token: str | None = None,
+                     audio_prefetch: int | None = None) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
     With ``record_window`` (default) only what the server sends for the sent audio is kept: video and
@@ -207,7 +210,10 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     ``(seconds after start, message)`` pairs sent on the ``control`` data channel, e.g.
     ``{"type": "emotion", "name": "happy"}``, or a function called with the channel (tests sending what
     ``send`` would not); every reply is kept in ``ClientResult.replies``. ``token``
-    is sent as ``Authorization: Bearer <token>`` (a server with a token secret needs it).
+    is sent as ``Authorization: Bearer <token>`` (a server with a token secret needs it). ``audio_prefetch``
+    gives the returned voice the receive buffer the server gives its incoming audio
+    (:func:`~edtalk_live.realtime.audio_in.shorten_audio_buffer`) instead of aiortc's, which holds the voice
+    about 60 ms after the video, and 300 ms after a packet was lost.
     """
     import aiohttp
     from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -250,6 +256,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
         result.audio_rate = frame.sample_rate
         result.audio_samples += frame.samples
         result.audio_arrival.append((now, result.audio_samples))
+        result.audio_pts.append(frame.pts)
         if keep_frames:
             result.received_audio.append(frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1))
         if writer is not None:
@@ -270,6 +277,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
 
     @pc.on("track")
     def on_track(track):
+        if track.kind == "audio" and audio_prefetch is not None:
+            shorten_audio_buffer(pc, track, audio_prefetch)
         tasks.append(asyncio.ensure_future(read(track, on_video if track.kind == "video" else on_audio)))
 
     @pc.on("connectionstatechange")

@@ -37,6 +37,9 @@ RENDER_SECONDS_BUCKETS: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.
                                              5.12)
 #: why the frame scheduler did not render a frame: the ``reason`` label of ``edtalk_frames_dropped_total``
 DROP_REASONS: tuple[str, ...] = ("deadline", "queue_full", "error", "stopped")
+#: why a renderer call raised: the ``reason`` label of ``edtalk_render_failures_total`` (see
+#: :func:`edtalk_live.realtime.scheduler.failure_reason`)
+RENDER_FAILURE_REASONS: tuple[str, ...] = ("out_of_memory", "bad_output", "error")
 #: what the render thread spends its CPU time on: the ``stage`` label of ``edtalk_render_thread_cpu_seconds_total``
 #: (``render``: decoder batches; ``lipsync``: mel, Audio2Lip and smoothing; ``other``: expressions, paste-back)
 CPU_STAGES: tuple[str, ...] = ("render", "lipsync", "other")
@@ -72,6 +75,12 @@ class SchedulerMetrics:
                                       ["reason"], registry=None)
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason)             # every reason is exported, from 0
+        # every failed call counts, the split halves retried after it included: a batch of B with one bad frame
+        # adds about 1 + log2(B); the frames that failed alone are frames_dropped{reason="error"}
+        self.render_failures = Counter("edtalk_render_failures", "Renderer calls that raised, by reason.", ["reason"],
+                                       registry=None)
+        for reason in RENDER_FAILURE_REASONS:
+            self.render_failures.labels(reason)
         self.batch_size = Histogram("edtalk_render_batch_size", "Frames per renderer call.",
                                     buckets=batch_size_buckets(max_batch), registry=None)
         self.batch_seconds = Histogram("edtalk_render_batch_seconds", "Time per renderer call, in seconds.",
@@ -87,8 +96,9 @@ class SchedulerMetrics:
         self.in_flight = Gauge("edtalk_scheduler_in_flight", "Frames in the renderer call running now.",
                                registry=None)
         self.in_flight.set_function(in_flight)
-        self._all = (self.frames_rendered, self.batches, self.frames_dropped, self.batch_size, self.batch_seconds,
-                     self.batch_seconds_ewma, self.cpu_seconds, self.queue_depth, self.in_flight)
+        self._all = (self.frames_rendered, self.batches, self.frames_dropped, self.render_failures,
+                     self.batch_size, self.batch_seconds, self.batch_seconds_ewma, self.cpu_seconds,
+                     self.queue_depth, self.in_flight)
 
     def batch(self, size: int, seconds: float, ewma: float) -> None:
         """One renderer call of ``size`` frames took ``seconds``."""
@@ -104,6 +114,10 @@ class SchedulerMetrics:
 
     def dropped(self, reason: str, n: int = 1) -> None:
         self.frames_dropped.labels(reason).inc(n)
+
+    def render_failure(self, reason: str) -> None:
+        """A renderer call raised (:data:`RENDER_FAILURE_REASONS`)."""
+        self.render_failures.labels(reason).inc()
 
     def describe(self) -> Iterator[Metric]:
         for m in self._all:

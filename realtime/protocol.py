@@ -12,7 +12,8 @@ Control messages are JSON objects with a ``type``::
     {"type": "pause"} {"type": "resume"} {"type": "interrupt"} {"type": "stats"}
 
 Each is answered with ``{"type": "ok" | "stats", "for": <type>, "stats": {...}}`` or
-``{"type": "error", "error": "..."}``. Unknown extra fields are ignored. A message is at most
+``{"type": "error", "error": "..."}``. Unknown extra fields are ignored. The server also sends events of its
+own on the channel, errors with a ``code`` (:func:`render_failed_event`). A message is at most
 :data:`MAX_CONTROL_BYTES` of UTF-8 JSON, nested at most :data:`~edtalk_live.realtime.limits.MAX_JSON_DEPTH`
 deep; error messages quote at most an excerpt of the input (:func:`~edtalk_live.realtime.limits.excerpt`).
 """
@@ -129,6 +130,20 @@ class SessionOptions:
                   ) -> SessionOptions:
         """:meth:`parse` with the server's avatar and emotion names and whether it has a pose clip."""
         return cls.parse(data, Choices(avatars=tuple(avatars), emotions=tuple(emotions), has_clip=has_clip))
+
+
+# ------------------------------------------------------------------------------------------ events
+
+#: ``code`` of the error event a session sends when rendering its frames starts failing
+RENDER_FAILED = "render_failed"
+
+
+def render_failed_event(reason: str, frame: int) -> dict[str, Any]:
+    """The one event of a streak of frames the renderer failed on (``reason``: see
+    :data:`~edtalk_live.realtime.metrics.RENDER_FAILURE_REASONS`), from video frame ``frame`` on."""
+    return {"type": "error", "code": RENDER_FAILED, "reason": reason, "frame": frame,
+            "error": f"rendering failed for this session ({reason.replace('_', ' ')}) from frame {frame}: its last "
+                     "frame is shown until rendering works again"}
 
 
 # ------------------------------------------------------------------------------------------ control messages

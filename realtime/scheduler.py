@@ -14,6 +14,12 @@ never runs inference. While a batch renders, new requests accumulate for the nex
 flight per renderer, the next gathered meanwhile). Requests whose deadline passed before dispatch are
 dropped with :class:`FrameDropped` and counted, so a slow session drops stale frames instead of growing
 a queue. Batches are not padded here: a CUDA-graph backend pads to its own captured sizes.
+
+Faults stay with the frames that cause them: when a renderer call raises (any exception, out of memory
+included) the batch is split in halves and each is rendered again, so every frame that can render
+does, and a frame that fails alone fails only its own caller, with :class:`RenderFailed`. A session whose
+frames fail is rendered in its own calls, after the others', until one of its frames renders again, so
+a session that keeps failing costs the others no retries.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Avatar, Renderer
-from edtalk_live.realtime.metrics import DROP_REASONS, SchedulerMetrics
+from edtalk_live.realtime.metrics import DROP_REASONS, RENDER_FAILURE_REASONS, SchedulerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,36 @@ class FrameDropped(EDTalkError):
         self.reason = reason
 
 
+class RenderFailed(EDTalkError):
+    """The renderer failed on this frame even when it was rendered alone (its batch was split and the other
+    frames rendered). ``reason`` is one of :data:`~edtalk_live.realtime.metrics.RENDER_FAILURE_REASONS`;
+    the renderer's own exception is the ``__cause__``."""
+
+    def __init__(self, session: str, reason: str, cause: BaseException):
+        super().__init__(f"rendering failed for session {session!r} ({reason.replace('_', ' ')}): "
+                         f"{type(cause).__name__}: {str(cause)[:200]}")
+        self.session = session
+        self.reason = reason
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The ``reason`` label of a renderer failure: ``out_of_memory`` (host or device: torch's, and ONNX
+    Runtime's and TensorRT's, which say it only in their message), ``bad_output`` (the renderer returned the
+    wrong shape) or ``error``."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return "out_of_memory"
+    if isinstance(exc, _BadOutput):
+        return "bad_output"
+    text = str(exc).lower()
+    if "out of memory" in text or "failed to allocate" in text:
+        return "out_of_memory"
+    return "error"
+
+
+class _BadOutput(EDTalkError):
+    """The renderer returned something other than ``uint8 [B,S,S,3]`` for a batch of ``B``."""
+
+
 class SchedulerClosed(EDTalkError):
     """The frame scheduler is not running: not started yet, or stopped while the frame waited."""
 
@@ -72,6 +108,10 @@ class SchedulerStats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     #: frames dropped per reason (:data:`~edtalk_live.realtime.metrics.DROP_REASONS`)
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    #: renderer calls that raised, per reason (:data:`~edtalk_live.realtime.metrics.RENDER_FAILURE_REASONS`)
+    render_failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RENDER_FAILURE_REASONS, 0))
+    #: sessions whose frames fail now, with the frames failed since their last good one
+    failing: dict[str, int] = field(default_factory=dict)
     render_seconds_last: float = 0.0
     render_seconds_ewma: float = 0.0
     render_seconds_sum: float = 0.0
@@ -144,6 +184,8 @@ class FrameScheduler:
         self._batches = 0
         self._batch_sizes: dict[int, int] = {}
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._failures = dict.fromkeys(RENDER_FAILURE_REASONS, 0)
+        self._failing: dict[str, int] = {}                 # session -> frames failed alone since its last good one
         self._render_last = 0.0
         self._render_ewma = 0.0
         self._render_sum = 0.0
@@ -228,9 +270,10 @@ class FrameScheduler:
         Returns ``uint8 [S,S,3]`` RGB (a row of the batch's array). ``deadline`` is a
         ``loop.time()`` by which the request must have been dispatched, else it raises
         :class:`FrameDropped` (``reason="deadline"``); a full queue raises ``FrameDropped``
-        (``reason="queue_full"``) at once. A renderer failure raises that failure (only the frames
-        of that batch fail). Raises :class:`SchedulerClosed` when the scheduler is not running
-        and :class:`~edtalk.errors.InputError` for bad coefficients or an avatar of another backend.
+        (``reason="queue_full"``) at once. A frame the renderer fails on even alone raises
+        :class:`RenderFailed` (the other frames of its batch render). Raises :class:`SchedulerClosed`
+        when the scheduler is not running and :class:`~edtalk.errors.InputError` for bad coefficients
+        or an avatar of another backend.
         """
         if not self.running or self._wake is None:
             raise SchedulerClosed("the frame scheduler is not running (call start() first)")
@@ -292,6 +335,10 @@ class FrameScheduler:
         future.add_done_callback(self._calls.discard)     # runs in the render thread; set.discard is atomic
         return future
 
+    def forget(self, session: str) -> None:
+        """``session`` ended: forget that its frames were failing (called by the session when it closes)."""
+        self._failing.pop(session, None)
+
     @staticmethod
     def _coeffs(value: Any, dim: int, what: str, session: str) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float32).detach()
@@ -310,7 +357,8 @@ class FrameScheduler:
         """A snapshot of the counters (safe to keep; later frames do not change it)."""
         return SchedulerStats(
             frames_rendered=self._frames, batches=self._batches, batch_sizes=dict(sorted(self._batch_sizes.items())),
-            dropped=dict(self._dropped), render_seconds_last=self._render_last,
+            dropped=dict(self._dropped), render_failures=dict(self._failures), failing=dict(self._failing),
+            render_seconds_last=self._render_last,
             render_seconds_ewma=self._render_ewma, render_seconds_sum=self._render_sum,
             render_seconds_recent=list(self._render_recent),
             queue_depth=self.queue_depth, in_flight=self._inflight_frames, max_batch=self.max_batch,
@@ -327,12 +375,12 @@ class FrameScheduler:
         self._render_recent.append(seconds)
         self.metrics.batch(size, seconds, self._render_ewma)
 
-    def _drop(self, reason: str, n: int = 1, exc: BaseException | None = None) -> None:
+    def _drop(self, reason: str, n: int = 1, exc: BaseException | None = None, log: bool = True) -> None:
         """Count ``n`` dropped frames; log drops (and, separately, render failures) at most once per
-        :data:`LOG_INTERVAL_S`."""
+        :data:`LOG_INTERVAL_S` (``log=False``: the caller logs them itself)."""
         self._dropped[reason] += n
         self.metrics.dropped(reason, n)
-        if reason == "stopped":
+        if reason == "stopped" or not log:
             return
         kind = "error" if reason == "error" else "drop"
         self._unlogged[reason] += n
@@ -392,12 +440,12 @@ class FrameScheduler:
         self._depth -= len(batch)
         return batch
 
-    def _fail(self, batch: Sequence[_Request], exc: BaseException, reason: str) -> None:
+    def _fail(self, batch: Sequence[_Request], exc: BaseException, reason: str, log: bool = True) -> None:
         live = [r for r in batch if not r.future.done()]
         for r in live:
             r.future.set_exception(exc)
         if live:
-            self._drop(reason, len(live), exc)
+            self._drop(reason, len(live), exc, log=log)
 
     def _fail_queued(self) -> None:
         for q in self._queues.values():
@@ -444,37 +492,107 @@ class FrameScheduler:
                 return
 
     async def _dispatch(self, batch: list[_Request]) -> None:
-        """Render ``batch`` in the render thread and hand each caller its row."""
-        n = len(batch)
-        call = self._submit(self._render_batch, [r.avatar for r in batch], [r.lip for r in batch],
-                            [r.pose for r in batch], stage="render")
-        self._inflight_frames = n
-        try:
-            frames, seconds = await asyncio.wrap_future(call)
-        except asyncio.CancelledError:                     # stop(): the call may still run; stop() waits for it
+        """Render ``batch``; the frames of sessions whose frames have been failing in calls of their own, after
+        the others' (a poisoned session then never makes the others retry, nor wait for its failing call)."""
+        groups: dict[str | None, list[_Request]] = {None: []}     # None: the sessions that render fine
+        for r in batch:
+            groups.setdefault(r.session if r.session in self._failing else None, []).append(r)
+        pending = list(groups.values())
+        for k, group in enumerate(pending):
+            if not group:
+                continue
+            try:
+                await self._render_split(group)
+            except asyncio.CancelledError:                 # stop(): the groups not rendered yet fail too
+                for g in pending[k + 1:]:
+                    self._fail(g, SchedulerClosed("the frame scheduler stopped before this frame was rendered"),
+                               "stopped")
+                raise
+
+    async def _render_split(self, batch: list[_Request]) -> None:
+        """Render ``batch`` in one call and hand each caller its row. When the call raises, split the batch in
+        halves and render each again (bisection: one bad frame in a batch of B costs at most 2 log2(B) more
+        calls), until a frame that fails alone fails its own caller with :class:`RenderFailed`."""
+        loop = asyncio.get_running_loop()
+        stack = [batch]
+        first = True
+        while stack:
+            group = stack.pop()
+            if not first:                                  # a retry: leave out frames that are no longer wanted
+                group = self._still_wanted(group, loop.time())
+                if not group:
+                    continue
+            first = False
+            n = len(group)
+            call = self._submit(self._render_batch, [r.avatar for r in group], [r.lip for r in group],
+                                [r.pose for r in group], stage="render")
+            self._inflight_frames = n
+            try:
+                frames, seconds = await asyncio.wrap_future(call)
+            except asyncio.CancelledError:                 # stop(): the call may still run; stop() waits for it
+                self._inflight_frames = 0
+                for g in (group, *stack):
+                    self._fail(g, SchedulerClosed("the frame scheduler stopped while this frame was rendering"),
+                               "stopped")
+                raise
+            except SchedulerClosed as exc:
+                self._inflight_frames = 0
+                for g in (group, *stack):
+                    self._fail(g, exc, "stopped")
+                return
+            except Exception as exc:                       # noqa: BLE001 - any renderer failure, OOM included
+                self._inflight_frames = 0
+                reason = failure_reason(exc)
+                self._failures[reason] += 1
+                self.metrics.render_failure(reason)
+                if n > 1:
+                    stack += [group[n // 2:], group[:n // 2]]     # the first half renders first
+                else:
+                    self._failed_alone(group[0], reason, exc)
+                continue
             self._inflight_frames = 0
-            self._fail(batch, SchedulerClosed("the frame scheduler stopped while this frame was rendering"),
-                       "stopped")
-            raise
-        except Exception as exc:
-            self._inflight_frames = 0
-            self._fail(batch, exc, "error")
-            return
-        self._inflight_frames = 0
-        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[0] != n:
-            shape = list(frames.shape) if isinstance(frames, np.ndarray) else type(frames).__name__
-            self._fail(batch, EDTalkError(f"renderer returned {shape} for a batch of {n} frames, "
-                                                   f"expected [{n},S,S,3]"), "error")
-            return
-        self._record(n, seconds)
-        for i, r in enumerate(batch):
-            if not r.future.done():                       # its caller may have given up meanwhile
-                r.future.set_result(frames[i])
+            self._record(n, seconds)
+            for i, r in enumerate(group):
+                if not r.future.done():                   # its caller may have given up meanwhile
+                    r.future.set_result(frames[i])
+                streak = self._failing.pop(r.session, None)
+                if streak is not None:
+                    logger.info("session %s renders again after %d failed frames", r.session[:8], streak)
+
+    def _still_wanted(self, group: list[_Request], now: float) -> list[_Request]:
+        """The requests of ``group`` whose caller still waits and whose deadline has not passed; the others are
+        dropped as stale frames are at dispatch."""
+        live = [r for r in group if not r.future.done()]
+        expired = [r for r in live if r.deadline is not None and r.deadline <= now]
+        for r in expired:
+            r.future.set_exception(FrameDropped("deadline", (
+                f"frame for session {r.session!r} dropped: its deadline passed while its batch was split and "
+                "rendered again after a renderer failure")))
+        if expired:
+            self._drop("deadline", len(expired))
+        return [r for r in live if r not in expired]
+
+    def _failed_alone(self, r: _Request, reason: str, exc: BaseException) -> None:
+        """``r`` failed in a call of its own: its caller gets :class:`RenderFailed`; the first failure of a streak
+        is logged (with the renderer's traceback), the rest only counted."""
+        failure = RenderFailed(r.session, reason, exc)
+        failure.__cause__ = exc
+        self._fail([r], failure, "error", log=False)
+        streak = self._failing.get(r.session)
+        self._failing[r.session] = (streak or 0) + 1
+        if streak is None:
+            logger.error("rendering fails for session %s (%s): its frames render in calls of their own until one "
+                         "renders again; the other sessions' frames render on", r.session[:8], reason, exc_info=exc)
 
     def _render_batch(self, avatars: list[Any], lips: list[torch.Tensor],
                       poses: list[torch.Tensor]) -> tuple[np.ndarray, float]:
-        """Runs in the render thread: one renderer call, timed."""
+        """Runs in the render thread: one renderer call, timed, its output checked."""
         lip, pose = torch.stack(lips), torch.stack(poses)
         start = time.perf_counter()
         frames = self.renderer.render(avatars, lip, pose)
-        return frames, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        n = len(avatars)
+        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[0] != n:
+            shape = list(frames.shape) if isinstance(frames, np.ndarray) else type(frames).__name__
+            raise _BadOutput(f"renderer returned {shape} for a batch of {n} frames, expected [{n},S,S,3]")
+        return frames, seconds

@@ -36,6 +36,7 @@ from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.access import OfferGate, cors_middleware, turn_credentials
+from edtalk_live.realtime.audio_in import shorten_audio_buffer
 from edtalk_live.realtime.budget import RenderBudget
 from edtalk_live.realtime.limits import TokenBuckets, check_offer_sdp, clip, excerpt, loads_bounded
 from edtalk_live.realtime.lipbatch import LipBatcher
@@ -367,6 +368,7 @@ class AvatarServer:
             def on_datachannel(channel):
                 bucket = TokenBuckets(self.settings.control_rate, self.settings.control_burst)
                 limited = {"now": False}
+                session.attach_events(lambda event: channel.send(json.dumps(event)))
 
                 @channel.on("message")
                 def on_message(message):
@@ -425,23 +427,10 @@ class AvatarServer:
         return fixed if fixed is not None else self.budget.current(load=len(self.peers) + 1)
 
     def _shorten_audio_buffer(self, pc, track) -> None:
-        """Give the peer's audio receiver a jitter buffer of ``audio_prefetch`` frames instead of aiortc's 4.
-
-        aiortc has no setting for it: the buffer is a private attribute of ``RTCRtpReceiver``, set here
-        before any packet arrives (checked by tests/test_server_e2e.py's latency test); when a future
-        aiortc renames it, this logs a warning and the default stays.
-        """
-        from aiortc.jitterbuffer import JitterBuffer
-
-        for transceiver in pc.getTransceivers():
-            receiver = transceiver.receiver
-            if receiver is not None and receiver.track is track:
-                if hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-                    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16,
-                                                                           prefetch=self.settings.audio_prefetch)
-                else:
-                    logger.warning("aiortc's audio jitter buffer not found: its default (80 ms) stays")
-                return
+        """The peer's audio arrives after ``audio_prefetch`` frames, and a lost packet holds it up by one
+        (:func:`~edtalk_live.realtime.audio_in.shorten_audio_buffer`; exercised by tests/test_faults.py's
+        packet-loss test)."""
+        shorten_audio_buffer(pc, track, self.settings.audio_prefetch)
 
     @staticmethod
     def _guard_text_messages(pc) -> None:

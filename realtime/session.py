@@ -48,8 +48,9 @@ from edtalk_live.realtime.protocol import (
     Resume,
     SessionOptions,
     Stats,
+    render_failed_event,
 )
-from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler
+from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler, RenderFailed, SchedulerClosed, failure_reason
 from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class SessionStats:
     latency_sum_ms: float = 0.0
     latency_count: int = 0
     budget_changes: int = 0      # the render budget (and the output delay) changed mid-session
+    frames_failed: int = 0       # frames the renderer failed on (their slots show the last good frame)
+    render_failures: int = 0     # streaks of failed frames (one error event each)
     first_audio_wall: float | None = None   # time.time() at which the first audio sample's slot on the clock came
 
     def note_latency(self, ms: float) -> None:
@@ -151,6 +154,9 @@ class Session:
         self._audio_arrived = asyncio.Event()      # wakes the producer (with the lip batcher)
         self._tasks: set[asyncio.Task] = set()
         self._last_audio = self.clock.now()
+        self._failing = False              # the renderer fails on this session's frames now (one event per streak)
+        self._send_event: Callable[[dict[str, Any]], None] | None = None
+        self._unsent: collections.deque[dict[str, Any]] = collections.deque(maxlen=4)   # before the channel opened
         self.paste = paste                 # uint8 [B,S,S,3] -> uint8 [B,H,W,3] (paste-back), or None
         idle = assets.idle_frame if paste is None else paste(assets.idle_frame[None])[0]
         self.idle_frame = idle
@@ -198,6 +204,7 @@ class Session:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.frames.clear()
+        self.scheduler.forget(self.id)
 
     def consume(self, track) -> asyncio.Task | None:
         """Read the peer's audio track until it ends (frames placed by their timestamps)."""
@@ -295,12 +302,18 @@ class Session:
                     chunk = np.zeros_like(chunk)
                 self.lips.push(chunk)
                 self._fed = end
-            if not self.lips.ready():
-                frames = []
-            elif self.lip_batcher is not None:
-                frames = await self.lip_batcher.pop(self.lips)
-            else:
-                frames = await self.scheduler.run(self.lips.pop, stage="lipsync")
+            frames = []
+            if self.lips.ready():
+                try:
+                    if self.lip_batcher is not None:
+                        frames = await self.lip_batcher.pop(self.lips)
+                    else:
+                        frames = await self.scheduler.run(self.lips.pop, stage="lipsync")
+                except SchedulerClosed:         # the server is stopping: this session closes with it
+                    return
+                except Exception as exc:  # noqa: BLE001 - Audio2Lip failed: a failed pop changed nothing, retry
+                    self._render_failed(self.lips.next_index, exc)
+                    await asyncio.sleep(PRODUCER_TICK_S)
             for f in restart + frames:
                 self._spawn(self._render(f, self._generation), f"frame-{f.index}")
 
@@ -349,6 +362,15 @@ class Session:
             logger.debug("session %s: frame %d dropped (%.0f ms past due)", self.id[:8], f.index,
                          (self.clock.now() - self.clock.video_due(f.index)) * 1000)
             return
+        except SchedulerClosed:            # the server is stopping: this session closes with it
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of this frame's device work, OOM included
+            self._render_failed(f.index, exc)
+            return
+        if self._failing:
+            self._failing = False
+            logger.info("session %s: rendering works again from frame %d (%d frames failed)", self.id[:8], f.index,
+                        self.stats.frames_failed)
         if generation != self._generation or self.closed:
             return
         self.frames[f.index] = image
@@ -359,6 +381,37 @@ class Session:
         # frame of silence fill is late by the jitter margin by design: the budget's floor covers it)
         if self.on_lag is not None and f.sample_start + self.lips.latency_samples > self._filled_to:
             self.on_lag(self.clock.now() - (self.clock.video_due(f.index) - self.render_budget))
+
+    def _render_failed(self, index: int, exc: BaseException) -> None:
+        """Frame ``index`` failed: its slot shows the last good frame (the video track repeats it, counted); the
+        first failure of a streak is logged and sent as one error event, the rest only counted."""
+        self.stats.frames_failed += 1
+        if self._failing or self.closed:
+            return
+        self._failing = True
+        self.stats.render_failures += 1
+        reason = exc.reason if isinstance(exc, RenderFailed) else failure_reason(exc)
+        # the scheduler logged a renderer failure with its traceback; anything else is logged here
+        logger.warning("session %s: frame %d failed (%s); showing the last frame until rendering works again",
+                       self.id[:8], index, exc, exc_info=None if isinstance(exc, RenderFailed) else exc)
+        self.send_event(render_failed_event(reason, index))
+
+    def attach_events(self, send: Callable[[dict[str, Any]], None]) -> None:
+        """Send this session's events with ``send`` (the control channel, once open); events raised before
+        are sent now."""
+        self._send_event = send
+        while self._unsent:
+            self.send_event(self._unsent.popleft())
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        """Send an event to the peer, or keep it (the last few) until :meth:`attach_events`."""
+        if self._send_event is None:
+            self._unsent.append(event)
+            return
+        try:
+            self._send_event(event)
+        except Exception:  # noqa: BLE001 - a closed channel must not fail the frame that raised the event
+            logger.warning("session %s: could not send event %s", self.id[:8], event.get("code"), exc_info=True)
 
     # ------------------------------------------------------------ track sources
     def _frame_for(self, index: int) -> np.ndarray | None:
@@ -496,6 +549,9 @@ class Session:
             "frames_repeated": v.repeated,
             "frames_skipped": v.skipped,
             "frames_dropped": self.stats.frames_dropped,
+            "frames_failed": self.stats.frames_failed,
+            "render_failures": self.stats.render_failures,
+            "render_failing": self._failing,
             "audio_frames_in": self.stats.audio_frames,
             "audio_gap_ms": round(self.audio.gap_samples / RATE * 1000, 1),
             "latency_ms_p50": _round(_percentile(lat, 50)),

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edtalk_live.edtalk.errors import InputError
-from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler, SchedulerClosed, SchedulerStats
+from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler, RenderFailed, SchedulerClosed, SchedulerStats
 
 SIZE = 4
 
@@ -279,38 +279,104 @@ def test_cancelled_request_is_not_rendered():
 # ------------------------------------------------------------------------------------------ failures
 
 
-def test_renderer_error_fails_only_its_batch():
+def test_renderer_error_fails_only_its_frame():
+    """The failing batch is split: its good frame renders, the bad one fails its own caller; the next batch is
+    untouched, and the failing session's next good frame ends its streak."""
     fake = FakeRenderer(delay=0.03, fail_on=13)
 
-    async def main() -> SchedulerStats:
+    async def main() -> tuple[SchedulerStats, SchedulerStats]:
         async with FrameScheduler(fake, max_batch=4, max_wait_ms=2.0) as s:
             bad = asyncio.create_task(s.render(avatar(1), *coeffs(13), session="a"))
             same_batch = asyncio.create_task(s.render(avatar(2), *coeffs(14), session="b"))
             await wait_until(lambda: fake.calls)                 # the failing batch is rendering
             nxt = asyncio.create_task(s.render(avatar(3), *coeffs(15), session="c"))
-            for task in (bad, same_batch):
-                with pytest.raises(RuntimeError, match="simulated renderer failure"):
-                    await task
+            with pytest.raises(RenderFailed, match="session 'a' \\(error\\): RuntimeError: simulated") as failed:
+                await bad
+            assert isinstance(failed.value.__cause__, RuntimeError) and failed.value.reason == "error"
+            assert_frame(await same_batch, 14, 2)
             assert_frame(await nxt, 15, 3)
+            during = s.stats
             assert_frame(await s.render(avatar(1), *coeffs(16), session="a"), 16, 1)
-            return s.stats
+            return during, s.stats
 
-    stats = run(main)
-    assert fake.calls == [[13, 14], [15], [16]]
-    assert stats.dropped["error"] == 2 and stats.frames_rendered == 2 and stats.batches == 2
+    during, stats = run(main)
+    assert fake.calls == [[13, 14], [13], [14], [15], [16]]
+    assert during.failing == {"a": 1} and stats.failing == {}
+    assert stats.dropped["error"] == 1 and stats.render_failures == {"out_of_memory": 0, "bad_output": 0, "error": 2}
+    assert stats.frames_rendered == 3 and stats.batches == 3
 
 
-def test_wrong_frame_count_from_renderer_fails_that_batch():
+def test_one_bad_frame_of_eight_costs_a_bisection():
+    """A batch of 8 with one poisoned row: 7 frames render, 1 fails, in at most 2 log2(8) + 1 renderer calls;
+    the poisoned session's next frames render in calls of their own, after the others'."""
+    gate = threading.Event()
+    fake = FakeRenderer(fail_on=5, gate=gate)
+
+    async def main() -> tuple[list, list, SchedulerStats]:
+        async with FrameScheduler(fake, max_batch=8, max_wait_ms=50.0) as s:
+            first = [asyncio.create_task(s.render(avatar(k), *coeffs(k), session=f"s{k}")) for k in range(8)]
+            await wait_until(lambda: fake.calls)
+            gate.set()
+            results = await asyncio.gather(*first, return_exceptions=True)
+            calls = len(fake.calls)
+            # the next tick: the poisoned session (now rendering alone) and three healthy ones
+            nxt = await asyncio.gather(*(s.render(avatar(k), *coeffs(v), session=f"s{k}")
+                                         for k, v in ((5, 5), (1, 21), (2, 22), (3, 23))), return_exceptions=True)
+            return results, [calls, fake.calls[calls:]], nxt, s.stats
+
+    results, (calls, later), nxt, stats = run(main)
+    assert calls <= 2 * 3 + 1, fake.calls
+    for k, r in enumerate(results):
+        if k == 5:
+            assert isinstance(r, RenderFailed) and r.session == "s5"
+        else:
+            assert_frame(r, k, k)
+    assert later == [[21, 22, 23], [5]], "the failing session renders alone, after the others"
+    assert isinstance(nxt[0], RenderFailed) and all(not isinstance(r, BaseException) for r in nxt[1:])
+    assert stats.dropped["error"] == 2 and stats.failing == {"s5": 2}
+    assert stats.frames_rendered == 10
+
+
+def test_out_of_memory_is_told_apart_and_the_batch_still_splits():
+    class OOM(FakeRenderer):
+        def render(self, avatars, lip, pose):
+            if len(avatars) > 2:                      # too large a batch for the device: halves fit
+                self.calls.append([int(v) for v in lip[:, 0]])
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().render(avatars, lip, pose)
+
+    async def main() -> tuple[list, SchedulerStats]:
+        async with FrameScheduler(OOM(), max_batch=4, max_wait_ms=20.0) as s:
+            frames = await asyncio.gather(*(s.render(avatar(k), *coeffs(k), session=f"s{k}") for k in range(4)))
+            return frames, s.stats
+
+    frames, stats = run(main)
+    for k, f in enumerate(frames):
+        assert_frame(f, k, k)
+    assert stats.render_failures["out_of_memory"] == 1 and stats.dropped["error"] == 0 and stats.failing == {}
+
+
+def test_wrong_frame_count_from_renderer_fails_that_call():
+    """A wrong shape is a failed call like a raise: the batch splits, and a frame that still comes back wrong
+    alone fails its caller."""
     class Short(FakeRenderer):
         def render(self, avatars, lip, pose):
             return super().render(avatars, lip, pose)[:1]
 
+    class Empty(FakeRenderer):
+        def render(self, avatars, lip, pose):
+            return super().render(avatars, lip, pose)[:0]
+
     async def main() -> None:
-        async with FrameScheduler(Short(), max_batch=4, max_wait_ms=1.0) as s:
-            results = await asyncio.gather(*(s.render(avatar(1), *coeffs(v), session=str(v)) for v in range(2)),
-                                           return_exceptions=True)
-            assert all("renderer returned [1, 4, 4, 3] for a batch of 2" in str(r) for r in results)
-            assert s.stats.dropped["error"] == 2
+        async with FrameScheduler(Short(), max_batch=4, max_wait_ms=5.0) as s:
+            results = await asyncio.gather(*(s.render(avatar(1), *coeffs(v), session=str(v)) for v in range(2)))
+            for v, r in enumerate(results):                      # a batch of one comes back right
+                assert_frame(r, v, 1)
+            assert s.stats.render_failures["bad_output"] == 1 and s.stats.dropped["error"] == 0
+        async with FrameScheduler(Empty(), max_batch=4, max_wait_ms=1.0) as s:
+            with pytest.raises(RenderFailed, match=r"\(bad output\): _BadOutput: renderer returned \[0, 4, 4, 3\] "
+                                                   r"for a batch of 1"):
+                await s.render(avatar(1), *coeffs(1))
 
     run(main)
 
@@ -451,7 +517,7 @@ def test_metrics_agree_with_stats():
     async def main() -> tuple[SchedulerStats, tuple]:
         async with FrameScheduler(fake, max_batch=4, max_wait_ms=2.0) as s:
             await asyncio.gather(*(s.render(avatar(1), *coeffs(v), session=str(v % 5)) for v in range(11)))
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RenderFailed):
                 await s.render(avatar(1), *coeffs(250))
             with pytest.raises(FrameDropped):
                 await s.render(avatar(1), *coeffs(1), deadline=0.0)
@@ -466,6 +532,8 @@ def test_metrics_agree_with_stats():
     assert samples[("edtalk_frames_dropped_total", (("reason", "deadline"),))] == 1
     assert samples[("edtalk_frames_dropped_total", (("reason", "queue_full"),))] == 0
     assert samples[("edtalk_frames_dropped_total", (("reason", "stopped"),))] == 0
+    assert samples[("edtalk_render_failures_total", (("reason", "error"),))] == stats.render_failures["error"] == 1
+    assert samples[("edtalk_render_failures_total", (("reason", "out_of_memory"),))] == 0
     assert samples[("edtalk_render_batch_seconds_ewma", ())] == pytest.approx(stats.render_seconds_ewma)
     assert samples[("edtalk_scheduler_queue_depth", ())] == 0 and samples[("edtalk_scheduler_in_flight", ())] == 0
     for hist, total in (("edtalk_render_batch_size", 11), ("edtalk_render_batch_seconds", stats.render_seconds_sum)):
