@@ -200,7 +200,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
                      connect_timeout: float = 20.0, keep_frames: bool = False,
                      control: list[tuple[float, dict | str | Callable[[Any], None]]] | None = None,
                      record_window: bool = True, token: str | None = None,
-                     audio_prefetch: int | None = None) -> ClientResult:
+                     audio_prefetch: int | None = None,
+                     on_answer: Callable[[str], None] | None = None) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
     With ``record_window`` (default) only what the server sends for the sent audio is kept: video and
@@ -209,8 +210,9 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     of sent audio. ``tail`` is how long to stay connected after that (0.5 s). ``control`` lists
     ``(seconds after start, message)`` pairs sent on the ``control`` data channel, e.g.
     ``{"type": "emotion", "name": "happy"}``, or a function called with the channel (tests sending what
-    ``send`` would not); every reply is kept in ``ClientResult.replies``. ``token``
-    is sent as ``Authorization: Bearer <token>`` (a server with a token secret needs it). ``audio_prefetch``
+    ``send`` would not); every reply is kept in ``ClientResult.replies``. ``on_answer`` is called with the
+    server's answer SDP as soon as it comes. ``token`` is sent as ``Authorization: Bearer <token>`` (a
+    server with a token secret needs it). ``audio_prefetch``
     gives the returned voice the receive buffer the server gives its incoming audio
     (:func:`~edtalk_live.realtime.audio_in.shorten_audio_buffer`) instead of aiortc's, which holds the voice
     about 60 ms after the video, and 300 ms after a packet was lost.
@@ -301,6 +303,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
             except aiohttp.ClientError as e:
                 raise EDTalkError(f"cannot reach {base}: {e}") from None
         result.session = body.get("session", "")
+        if on_answer is not None:                 # e.g. a test that needs the server's candidates
+            on_answer(body["sdp"])
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
         try:
             await asyncio.wait_for(connected.wait(), connect_timeout)
