@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 RATE = SAMPLE_RATE            # the session clock counts 16 kHz samples
 
 
+#: new frames landing too late for this long (seconds of arrival time) re-anchor the clock on their timestamps
+RESYNC_S = 0.2
+
+
 class SampleRing:
     """The last ``capacity`` samples of an endless float32 stream, addressed by absolute position."""
 
@@ -88,6 +92,13 @@ class AudioInput:
     ``anchor + (pts - pts0) * 16000 * time_base``. A frame
     landing past the write cursor leaves a gap (lost packets) that reads as silence; one landing
     before it (duplicate or reordered) only writes its new part.
+
+    A sender whose timestamps fall behind for good (it stopped sending for a while and went on with
+    contiguous timestamps, as aiortc does after a pause: every later frame lands before the cursor, where
+    the silence fill already is) is re-anchored: once new frames have landed too late for
+    :data:`RESYNC_S` of arrival time, the next one is placed at the cursor and the clock follows the new
+    timestamps from there (``resyncs`` counts it). A burst of late frames catching up (all arriving at
+    once, the next on time again) is not a resync: those frames are dropped, their time being past.
     """
 
     def __init__(self, capacity_s: float = 30.0, tolerance: int = 160, grid: int = 1):
@@ -99,6 +110,9 @@ class AudioInput:
         self.cursor = 0                            # where the next contiguous sample goes
         self.frames = 0
         self.gap_samples = 0
+        self.resyncs = 0                           # times the clock re-anchored on a sender that fell behind
+        self._newest: Fraction | None = None       # the newest timestamp seen (seconds)
+        self._late_since: int | None = None        # arrival position of the first of a run of late new frames
         self.last_pts_seconds: float | None = None
 
     @property
@@ -129,11 +143,24 @@ class AudioInput:
             self.last_pts_seconds = float(pts_s)
             anchor_pos, pts0 = self._anchor
             pos = anchor_pos + round((pts_s - pts0) * RATE)
+            newer = self._newest is None or pts_s > self._newest
+            self._newest = pts_s if newer else self._newest
             if pos > self.cursor + self.tolerance:            # lost packets: leave silence
                 self.gap_samples += pos - self.cursor
                 self.cursor = pos
-            elif pos < self.cursor - max(self.tolerance, len(samples)):   # stale duplicate
-                return
+                self._late_since = None
+            elif pos < self.cursor - max(self.tolerance, len(samples)):   # a duplicate, or too late
+                if not newer:
+                    return
+                if self._late_since is None:
+                    self._late_since = arrival_pos
+                if arrival_pos - self._late_since < RESYNC_S * RATE:
+                    return
+                self._anchor = (self.cursor, pts_s)           # the sender fell behind for good: follow it
+                self.resyncs += 1
+                self._late_since = None
+            else:
+                self._late_since = None
         self.ring.write(self.cursor, samples)
         self.cursor += len(samples)
 

@@ -554,6 +554,7 @@ class Session:
             "render_failing": self._failing,
             "audio_frames_in": self.stats.audio_frames,
             "audio_gap_ms": round(self.audio.gap_samples / RATE * 1000, 1),
+            "audio_resyncs": self.audio.resyncs,
             "latency_ms_p50": _round(_percentile(lat, 50)),
             "latency_ms_p95": _round(_percentile(lat, 95)),
             "av_offset_ms": _round(_percentile(off, 50)),
