@@ -5,11 +5,13 @@
 ``edtalk-live serve`` is started as its own process (seeded random 64² weights, or ``--server URL``). While
 one WebRTC session streams speech, ``--offers`` offers made from a real aiortc offer are posted (lines
 dropped or repeated, bytes flipped, cut short, 2,000 duplicate ``a=rtpmap`` lines, broken or hostile JSON
-around them; ``--concurrency`` at a time), and ``--datagrams`` random UDP datagrams (shaped like STUN, DTLS,
-RTP and RTCP, and plain noise) go to the session's own ICE candidates. What must hold, and what the table
-shows: every offer is answered with a valid answer or a one-line 4xx JSON (never a 5xx, never a hang), no
-slot stays held once the unconnected offers time out, the live session keeps 25 fps, and the server lives.
-The generators are shared with the CI tests (``tests/test_hardening.py``), which run them at a short size.
+around them; ``--concurrency`` at a time, ``--rate`` a second: a quarter of them are still valid offers,
+each a new peer connection, and a flood of those is a capacity question rather than a parser's), and
+``--datagrams`` random UDP datagrams (shaped like STUN, DTLS, RTP and RTCP, and plain noise) go to the
+session's own ICE candidates. What must hold, and what the table shows: every offer is answered with a
+valid answer or a one-line 4xx JSON (never a 5xx, never a hang), no slot stays held once the unconnected
+offers time out, the live session keeps 25 fps, and the server lives. The generators are shared with the
+CI tests (``tests/test_hardening.py``), which run them at a short size.
 """
 
 from __future__ import annotations
@@ -144,15 +146,18 @@ async def send_datagrams(targets: Sequence[tuple[str, int]], datagrams: Sequence
     return sent
 
 
-async def post_offers(url: str, bodies: Sequence[bytes], concurrency: int) -> list[tuple[int, bytes, float]]:
-    """POST every body to ``url/offer``, ``concurrency`` at a time: ``(status, reply, seconds)`` each (status 0:
-    no answer within 10 s)."""
+async def post_offers(url: str, bodies: Sequence[bytes], concurrency: int, rate: float
+                      ) -> list[tuple[int, bytes, float]]:
+    """POST every body to ``url/offer``, ``concurrency`` at a time and ``rate`` a second at most:
+    ``(status, reply, seconds)`` each (status 0: no answer within 10 s)."""
     import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=10)
+    start = time.monotonic()
 
-    async def one(http, body: bytes) -> tuple[int, bytes, float]:
+    async def one(http, i: int, body: bytes) -> tuple[int, bytes, float]:
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         async with sem:
             t0 = time.perf_counter()
             try:
@@ -162,7 +167,7 @@ async def post_offers(url: str, bodies: Sequence[bytes], concurrency: int) -> li
                 return 0, str(e).encode(), time.perf_counter() - t0
 
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        return await asyncio.gather(*(one(http, b) for b in bodies))
+        return await asyncio.gather(*(one(http, i, b) for i, b in enumerate(bodies)))
 
 
 def check_replies(results: Sequence[tuple[int, bytes, float]]) -> list[str]:
@@ -184,15 +189,16 @@ def check_replies(results: Sequence[tuple[int, bytes, float]]) -> list[str]:
     return problems
 
 
-async def run(url: str, offers: int, datagrams: int, concurrency: int, seed: int) -> dict[str, Any]:
+async def run(url: str, offers: int, datagrams: int, concurrency: int, seed: int, rate: float = 50.0
+              ) -> dict[str, Any]:
     from edtalk_live.realtime.client import run_client
 
     sdp = await offer_sdp()
     bodies = mutated_offers(sdp, offers, seed)
     noise = random_datagrams(datagrams, seed)
     answers: list[str] = []
-    # long enough for the offers at about 150 a second, and the datagrams at 2,000 a second
-    seconds = max(6.0, offers / 150 + 3, datagrams / 2000 + 3)
+    # long enough for the offers at `rate` a second, and the datagrams at 2,000 a second
+    seconds = max(6.0, offers / rate + 4, datagrams / 2000 + 4)
     audio = np.tile(speech_like(10.0, seed), int(seconds // 10) + 1)[: int(seconds * RATE)]
     live = asyncio.create_task(run_client(url, audio, None, {}, on_answer=answers.append))
     deadline = time.monotonic() + 30
@@ -200,7 +206,7 @@ async def run(url: str, offers: int, datagrams: int, concurrency: int, seed: int
         await asyncio.sleep(0.05)
     targets = candidate_ports(answers[0]) if answers else []
     t0 = time.monotonic()
-    results, sent = await asyncio.gather(post_offers(url, bodies, concurrency),
+    results, sent = await asyncio.gather(post_offers(url, bodies, concurrency, rate),
                                          send_datagrams(targets, noise, 2000.0) if targets else asyncio.sleep(0, 0))
     attack_s = time.monotonic() - t0
     session = await live
@@ -209,7 +215,8 @@ async def run(url: str, offers: int, datagrams: int, concurrency: int, seed: int
     statuses = collections.Counter(s for s, _, _ in results)
     times = [t for _, _, t in results]
     fps = session.video_frames / session.sent_seconds if session.sent_seconds else 0.0
-    return {"offers": offers, "statuses": dict(sorted(statuses.items())), "problems": check_replies(results),
+    return {"offers": offers, "rate": rate, "statuses": dict(sorted(statuses.items())),
+            "problems": check_replies(results),
             "answer_p50_ms": 1000 * float(np.median(times)) if times else None,
             "answer_p99_ms": 1000 * float(np.percentile(times, 99)) if times else None,
             "answer_max_ms": 1000 * max(times) if times else None, "attack_s": attack_s,
@@ -235,10 +242,10 @@ def verdict(r: dict[str, Any]) -> list[str]:
 def format_table(r: dict[str, Any]) -> str:
     statuses = ", ".join(f"{s or 'none'}: {n}" for s, n in r["statuses"].items())
     return "\n".join([
-        "| offers | answers by status | wrong answers | answer p50 / p99 / max (ms) | datagrams sent (targets) "
-        "| live session fps | slots held after |",
+        "| offers (a second) | answers by status | wrong answers | answer p50 / p99 / max (ms) "
+        "| datagrams sent (targets) | live session fps | slots held after |",
         "|---:|---|---:|---|---:|---:|---:|",
-        f"| {r['offers']:,} | {statuses} | {len(r['problems'])} | {_f(r['answer_p50_ms'], 1)} / "
+        f"| {r['offers']:,} ({r['rate']:g}) | {statuses} | {len(r['problems'])} | {_f(r['answer_p50_ms'], 1)} / "
         f"{_f(r['answer_p99_ms'], 1)} / {_f(r['answer_max_ms'])} | {r['datagrams_sent']:,} ({r['targets']}) | "
         f"{r['live_fps']:.1f} | {r['sessions_after']} |"])
 
@@ -249,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--offers", type=int, default=10_000, help="mutated offers to post (10000)")
     p.add_argument("--datagrams", type=int, default=20_000, help="random datagrams to each ICE candidate (20000)")
     p.add_argument("--concurrency", type=int, default=4, help="offers in flight at once (4)")
+    p.add_argument("--rate", type=float, default=50.0,
+                   help="offers a second at most (50: fifty times what serve lets one address send)")
     p.add_argument("--seed", type=int, default=15)
     p.add_argument("--json", metavar="OUT", help="also write the figures here")
     args = p.parse_args(argv)
@@ -257,15 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def go() -> dict[str, Any]:
         if args.server:
-            return await run(args.server.rstrip("/"), args.offers, args.datagrams, args.concurrency, args.seed)
+            return await run(args.server.rstrip("/"), args.offers, args.datagrams, args.concurrency, args.seed,
+                             args.rate)
         with tempfile.TemporaryDirectory(prefix="edtalk-fuzz-") as tmp:
             weights, avatar = write_random_weights(Path(tmp) / "w", "test")
             # unconnected offers are reclaimed after 2 s here (15 s by default), so the slots come back in the run;
-            # about one offer in 16 is still valid and holds a slot until then: room for all of them, so that the
+            # about one offer in 4 is still valid and holds a slot until then: room for all of them, so that the
             # answers measure the parsing, not the session cap (whose 503 tests/test_hardening.py checks)
             async with server_process(weights, avatar, Path(tmp), max_sessions=args.offers // 4 + 16,
                                       extra=["--connect-timeout", "2"]) as (url, _proc, _health, _config):
-                return await run(url, args.offers, args.datagrams, args.concurrency, args.seed)
+                return await run(url, args.offers, args.datagrams, args.concurrency, args.seed, args.rate)
 
     result = asyncio.run(go())
     command = "python -m edtalk_live.benchmarks.fuzz " + " ".join(sys.argv[1:] if argv is None else argv)
