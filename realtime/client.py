@@ -72,6 +72,59 @@ class FileAudioTrack(MediaStreamTrack):
         return frame
 
 
+def _video_buffer_class():
+    from aiortc.jitterbuffer import JitterBuffer
+    from aiortc.utils import uint16_add, uint32_add
+
+    class CatchUpVideoBuffer(JitterBuffer):
+        """aiortc's video jitter buffer, without its stall after a loss.
+
+        aiortc's waits at a missing packet until 128 packets are behind it (5 s of small frames), then hands
+        over one frame per packet that arrives: once a packet and its retransmission are both lost, the video
+        stays seconds behind for the rest of the call. A browser gives up on the gap and asks for a keyframe;
+        so does this buffer: when packets ``max_wait`` (90 kHz ticks) newer than the oldest one held wait behind
+        a missing packet, everything before the arriving packet is dropped (frames after a lost one cannot be
+        decoded without a keyframe anyway) and a keyframe is asked for (the PLI flag).
+        """
+
+        def __init__(self, max_wait: int = 90000 * 150 // 1000):
+            super().__init__(capacity=128, is_video=True)
+            self.max_wait = max_wait
+            self.skips = 0
+
+        def add(self, packet):
+            origin = self._origin
+            if origin is not None:
+                # how far the arriving packet is past the oldest one held (RTP timestamps wrap at 2^32): at most
+                # a frame while frames complete, more only while they wait behind a missing packet
+                ages = [uint32_add(packet.timestamp, -p.timestamp) for p in self._packets if p is not None]
+                waited = max((a for a in ages if a < 1 << 31), default=0)
+                ahead = uint16_add(packet.sequence_number, -origin)
+                if waited > self.max_wait and 0 < ahead < self._capacity:
+                    self.remove(ahead)
+                    self.skips += 1
+                    return True, super().add(packet)[1]
+            return super().add(packet)
+
+    return CatchUpVideoBuffer
+
+
+def skip_lost_video(pc, track) -> bool:
+    """Give ``track``'s video receiver on ``pc`` a jitter buffer that skips a lost packet after 150 ms and asks
+    for a keyframe (see ``CatchUpVideoBuffer``), as browsers do. aiortc has no setting for it: the buffer is
+    a private attribute of ``RTCRtpReceiver``, set before any packet arrives. Returns False, with a
+    warning, when this aiortc has none to replace."""
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if receiver is not None and receiver.track is track:
+            if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+                logger.warning("aiortc's video jitter buffer not found: a lost packet may stall the video")
+                return False
+            receiver._RTCRtpReceiver__jitter_buffer = _video_buffer_class()()
+            return True
+    return False
+
+
 @dataclass
 class ClientResult:
     """What came back from the server."""
@@ -281,6 +334,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     def on_track(track):
         if track.kind == "audio" and audio_prefetch is not None:
             shorten_audio_buffer(pc, track, audio_prefetch)
+        if track.kind == "video":
+            skip_lost_video(pc, track)
         tasks.append(asyncio.ensure_future(read(track, on_video if track.kind == "video" else on_audio)))
 
     @pc.on("connectionstatechange")

@@ -128,3 +128,34 @@ def test_a_failing_audio_to_lip_call_is_retried_and_the_session_goes_on(edtalk_w
     assert result.video_frames >= 24 * seconds, (result.video_frames, result.stats)
     assert result.stats["frames_rendered"] >= 25 * (seconds - 3), result.stats
     assert not result.stats["render_failing"], result.stats
+
+
+def test_the_client_skips_a_lost_video_packet_instead_of_falling_behind():
+    """One-packet frames at 25 fps, packet 10 lost for good: aiortc's own buffer hands over nothing until 128
+    packets wait behind the gap, then one frame per packet (5 s behind for the rest of the call); the client's
+    buffer gives up on the gap after 150 ms, asks for a keyframe once, and hands over every later frame."""
+    from aiortc.jitterbuffer import JitterBuffer
+    from aiortc.rtp import RtpPacket
+
+    from edtalk_live.realtime.client import _video_buffer_class
+
+    def feed(buffer) -> tuple[list[tuple[int, int]], int]:
+        out, plis = [], 0                              # (packet on whose arrival a frame came out, the frame)
+        for seq in range(300):
+            if seq == 10:
+                continue
+            packet = RtpPacket(payload_type=96, sequence_number=seq, timestamp=3600 * seq)
+            packet._data = b"frame"                 # what aiortc's receiver sets: the depacketized payload
+            pli, frame = buffer.add(packet)
+            plis += pli
+            if frame is not None:
+                out.append((seq, frame.timestamp // 3600))
+        return out, plis
+
+    theirs, _ = feed(JitterBuffer(capacity=128, is_video=True))
+    ours, plis = feed(_video_buffer_class()())
+    # a frame comes out when the next one begins (frame k on packet k + 1); after the loss aiortc's lags for good
+    assert theirs[-1][0] - theirs[-1][1] > 100, theirs[-3:]
+    assert all(at - k == 1 for at, k in ours[:9]) and plis == 1, (ours[:12], plis)
+    assert all(at - k == 1 for at, k in ours[12:]) and ours[-1] == (299, 298), ours[8:16]
+    assert ours[9][0] <= 16, ours[8:12]                 # the gap given up on within 150 ms (4 frames) or so
