@@ -300,3 +300,50 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path, ed
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == f"error: worker 0 did not start: {tmp_path / 'missing.png'}: " \
                                                    "avatar image not found"
+
+
+@pytest.mark.slow
+def test_workers_check_tokens_and_hand_turn_credentials_only_to_token_holders(tmp_path, edtalk_weights, face_image,
+                                                                            speech):
+    """``serve --workers 2 --token-secret ... --turn-secret ...``: the supervisor refuses an offer without a
+    token (401) and proxies ``/config`` with the caller's token, so only a token holder gets TURN credentials
+    made for it; a session with a token streams through the supervisor."""
+    import base64
+    import hashlib
+    import hmac
+
+    from edtalk_live.realtime.access import make_token
+    from edtalk_live.realtime.client import run_client
+
+    secret, turn_secret = "a-token-secret-for-this-test-0123456789", "turn-secret-of-this-test"
+    served = _Served(edtalk_weights, face_image, tmp_path / "serve.log", "--token-secret", secret,
+                     "--ice-server", "turn:127.0.0.1:9", "--turn-secret", turn_secret)
+    token = make_token(secret, 120)
+
+    async def scenario():
+        await served.until(lambda s, b: s == 200, 90, "both workers up")
+        out = {}
+        async with aiohttp.ClientSession() as http:
+            for name, headers in (("anonymous", {}), ("token", {"Authorization": f"Bearer {token}"})):
+                async with http.get(served.url + "/config", headers=headers) as r:
+                    out[name] = (r.status, (await r.json())["ice_servers"])
+            async with http.post(served.url + "/offer", json={"type": "offer", "sdp": "v=0"}) as r:
+                out["offer"] = r.status
+        out["session"] = await run_client(served.url, speech[: 2 * RATE], token=token, tail=0.2)
+        return out
+
+    try:
+        out = asyncio.run(scenario())
+        family = _descendants(served.proc.pid)
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(30)
+    finally:
+        served.kill_all(family if "family" in locals() else _descendants(served.proc.pid))
+    assert out["anonymous"] == (200, []), out["anonymous"]
+    status, servers = out["token"]
+    assert status == 200 and [s["urls"] for s in servers] == ["turn:127.0.0.1:9"], servers
+    made = servers[0]
+    digest = hmac.new(turn_secret.encode(), made["username"].encode(), hashlib.sha1).digest()
+    assert base64.b64decode(made["credential"]) == digest and int(made["username"].split(":")[0]) > time.time()
+    assert out["offer"] == 401
+    assert out["session"].video_frames >= 45, out["session"].video_frames
