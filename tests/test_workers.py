@@ -319,9 +319,11 @@ def test_workers_check_tokens_and_hand_turn_credentials_only_to_token_holders(tm
     served = _Served(edtalk_weights, face_image, tmp_path / "serve.log", "--token-secret", secret,
                      "--ice-server", "turn:127.0.0.1:9", "--turn-secret", turn_secret)
     token = make_token(secret, 120)
+    family: set[int] = set()
 
     async def scenario():
         await served.until(lambda s, b: s == 200, 90, "both workers up")
+        family.update(_descendants(served.proc.pid))
         out = {}
         async with aiohttp.ClientSession() as http:
             for name, headers in (("anonymous", {}), ("token", {"Authorization": f"Bearer {token}"})):
@@ -334,11 +336,10 @@ def test_workers_check_tokens_and_hand_turn_credentials_only_to_token_holders(tm
 
     try:
         out = asyncio.run(scenario())
-        family = _descendants(served.proc.pid)
         served.proc.send_signal(signal.SIGTERM)
         served.proc.wait(30)
     finally:
-        served.kill_all(family if "family" in locals() else _descendants(served.proc.pid))
+        served.kill_all(family)
     assert out["anonymous"] == (200, []), out["anonymous"]
     status, servers = out["token"]
     assert status == 200 and [s["urls"] for s in servers] == ["turn:127.0.0.1:9"], servers
