@@ -356,21 +356,15 @@ def _make_torch(device: str, **options):
 
 
 def _export_dir(model: EDTalkModel) -> Path:
-    """The model's ONNX export in the usual cache, exported once (key: the model's weights hash).
+    """The model's ONNX export in the usual cache, exported once (:func:`~edtalk_live.engines.ensure_onnx`).
 
     Exported without the exporter's own parity check: with random weights at 256² the decoder is
     chaotic enough that two correct implementations differ by more than its 1e-3 tolerance. Instead
     the benchmark compares one rendered frame of every backend with torch and reports the difference.
     """
-    from edtalk_live.engines import cache_dir
-    from edtalk_live.export.manifest import MANIFEST
-    from edtalk_live.export.onnx import export_model
+    from edtalk_live.engines import ensure_onnx
 
-    out = cache_dir() / "onnx" / model.weights_id
-    if not (out / MANIFEST).is_file():
-        logger.info("exporting ONNX graphs to %s (once per model)", out)
-        export_model(copy.deepcopy(model), out, verify=False)
-    return out
+    return ensure_onnx(model, verify=False)
 
 
 def _make_exported(backend: str, device: str):
