@@ -72,6 +72,19 @@ class FileAudioTrack(MediaStreamTrack):
         return frame
 
 
+def is_keyframe(data: bytes) -> bool:
+    """Whether a depacketized video frame decodes on its own: a VP8 key frame (its start code 9d 01 2a after
+    the 3-byte frame tag) or H.264 Annex B data with an IDR slice or a sequence parameter set."""
+    if len(data) >= 6 and not data[0] & 1 and data[3:6] == b"\x9d\x01\x2a":
+        return True
+    i = data.find(b"\x00\x00\x01")
+    while 0 <= i < len(data) - 3:
+        if data[i + 3] & 0x1F in (5, 7):
+            return True
+        i = data.find(b"\x00\x00\x01", i + 3)
+    return False
+
+
 def _video_buffer_class():
     from aiortc.jitterbuffer import JitterBuffer
     from aiortc.utils import uint16_add, uint32_add
@@ -83,16 +96,19 @@ def _video_buffer_class():
         over one frame per packet that arrives: once a packet and its retransmission are both lost, the video
         stays seconds behind for the rest of the call. A browser gives up on the gap and asks for a keyframe;
         so does this buffer: when packets ``max_wait`` (90 kHz ticks) newer than the oldest one held wait behind
-        a missing packet, everything before the arriving packet is dropped (frames after a lost one cannot be
-        decoded without a keyframe anyway) and a keyframe is asked for (the PLI flag).
+        a missing packet, everything before the arriving packet is dropped and a keyframe is asked for (the PLI
+        flag); frames are handed over again from that keyframe on (those between decode into garbage).
         """
 
         def __init__(self, max_wait: int = 90000 * 150 // 1000):
             super().__init__(capacity=128, is_video=True)
             self.max_wait = max_wait
             self.skips = 0
+            self._keyless = 0          # frames dropped since a skip while waiting for a keyframe (0: not waiting)
+            self._waiting = False
 
         def add(self, packet):
+            pli = False
             origin = self._origin
             if origin is not None:
                 # how far the arriving packet is past the oldest one held (RTP timestamps wrap at 2^32): at most
@@ -103,8 +119,17 @@ def _video_buffer_class():
                 if waited > self.max_wait and 0 < ahead < self._capacity:
                     self.remove(ahead)
                     self.skips += 1
-                    return True, super().add(packet)[1]
-            return super().add(packet)
+                    self._waiting, self._keyless, pli = True, 0, True
+            more_pli, frame = super().add(packet)
+            if frame is not None and self._waiting:
+                # frames after a lost one decode into garbage: none until a keyframe, as a browser holds the last
+                if is_keyframe(frame.data):
+                    self._waiting = False
+                else:
+                    self._keyless += 1
+                    pli = pli or self._keyless % 25 == 0           # ask again each second until one comes
+                    frame = None
+            return pli or more_pli, frame
 
     return CatchUpVideoBuffer
 
