@@ -172,7 +172,9 @@ def media_sync(result, sent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     from edtalk_live.realtime.probe import read_index
 
     anchor = (result.stats or {}).get("audio_anchor")
-    indices = np.asarray([read_index(f) for f in result.frames], np.int64)
+    read = getattr(result, "video_index", [])          # read as the frames arrived (run_client's read_probe)
+    indices = np.asarray(read if read and len(read) == len(result.video_arrival) else
+                         [read_index(f) for f in result.frames], np.int64)
     keep = _valid_indices(indices)
     pts = np.asarray(result.video_pts, np.float64)[keep]
     indices = indices[keep]
@@ -181,9 +183,18 @@ def media_sync(result, sent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
         return indices, np.asarray(result.video_arrival)[keep], av
     voice, _, _ = _placed_voice(result)
     _, blocks, _ = voice_blocks(_to_16k(voice, result.audio_rate), sent)
+    if not blocks:
+        return indices, np.asarray(result.video_arrival)[keep], av
+    # blocks follow each other in the returned voice: only those whose span can hold k0 + their lag are tried
+    # (a long call has thousands of blocks and frames)
+    ends = np.asarray([b.end for b in blocks])
+    lo_lag, hi_lag = min(b.lag for b in blocks), max(b.lag for b in blocks)
     for n, (i, p) in enumerate(zip(indices, pts, strict=True)):
         k0 = FRAME_SAMPLES * int(i) - anchor            # the first sent sample frame i shows
-        for b in blocks:
+        for m in range(int(np.searchsorted(ends, k0 + lo_lag, side="right")), len(blocks)):
+            b = blocks[m]
+            if b.start > k0 + hi_lag:
+                break
             j = k0 + b.lag                              # the returned voice's sample carrying it
             if b.start <= j < b.end:
                 av[n] = (p / 90_000 - j / RATE) * 1000

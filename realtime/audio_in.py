@@ -161,6 +161,10 @@ class AudioInput:
                 self._late_since = None
             else:
                 self._late_since = None
+                if pos < self.cursor:
+                    # partly behind the cursor (the silence fill ran ahead of late audio, or a duplicate): only
+                    # the part past it is new, and it goes where its timestamp says, so the clock does not slip
+                    samples = samples[self.cursor - pos:]
         self.ring.write(self.cursor, samples)
         self.cursor += len(samples)
 

@@ -28,6 +28,7 @@ from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.edtalk.timing import SAMPLE_RATE
 from edtalk_live.media.io import load_audio
 from edtalk_live.realtime.audio_in import shorten_audio_buffer
+from edtalk_live.realtime.probe import read_index
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class ClientResult:
     size: tuple[int, int] = (0, 0)
     received_audio: list[np.ndarray] = field(default_factory=list, repr=False)
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
+    video_index: list[int] = field(default_factory=list)         # each frame's painted index (``read_probe``)
 
 
 class _Writer:
@@ -278,7 +280,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
                      connect_timeout: float = 20.0, keep_frames: bool = False,
                      control: list[tuple[float, dict | str | Callable[[Any], None]]] | None = None,
                      record_window: bool = True, token: str | None = None,
-                     audio_prefetch: int | None = None,
+                     audio_prefetch: int | None = None, read_probe: bool = False,
                      on_answer: Callable[[str], None] | None = None) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
@@ -293,7 +295,9 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     server with a token secret needs it). ``audio_prefetch``
     gives the returned voice the receive buffer the server gives its incoming audio
     (:func:`~edtalk_live.realtime.audio_in.shorten_audio_buffer`) instead of aiortc's, which holds the voice
-    about 60 ms after the video, and 300 ms after a packet was lost.
+    about 60 ms after the video, and 300 ms after a packet was lost. ``read_probe`` (a session in probe mode)
+    reads each frame's painted index as it arrives into ``ClientResult.video_index`` and keeps the voice, but
+    not the frames: a call of hours fits in memory.
     """
     import aiohttp
     from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -327,8 +331,12 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
         result.video_pts.append(frame.pts)
         result.video_arrival.append(now)
         result.size = (frame.width, frame.height)
-        if keep_frames:
-            result.frames.append(frame.to_ndarray(format="rgb24"))
+        if keep_frames or read_probe:
+            image = frame.to_ndarray(format="rgb24")
+            if keep_frames:
+                result.frames.append(image)
+            if read_probe:
+                result.video_index.append(read_index(image))
         if writer is not None:
             writer.add_video(frame)
 
@@ -337,8 +345,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
         result.audio_samples += frame.samples
         result.audio_arrival.append((now, result.audio_samples))
         result.audio_pts.append(frame.pts)
-        if keep_frames:
-            result.received_audio.append(frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1))
+        if keep_frames or read_probe:      # float32: half an hour of voice at 48 kHz is 350 MB
+            result.received_audio.append(frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1, dtype=np.float32))
         if writer is not None:
             writer.add_audio(frame)
 

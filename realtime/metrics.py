@@ -14,8 +14,10 @@ of the live ones, so a session that ends never takes anything away from a total.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-from collections.abc import Callable, Iterable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -27,7 +29,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 #: upper bounds (seconds) of the audio-in to frame-out latency histogram (+Inf is implied)
@@ -43,6 +45,12 @@ RENDER_FAILURE_REASONS: tuple[str, ...] = ("out_of_memory", "bad_output", "error
 #: what the render thread spends its CPU time on: the ``stage`` label of ``edtalk_render_thread_cpu_seconds_total``
 #: (``render``: decoder batches; ``lipsync``: mel, Audio2Lip and smoothing; ``other``: expressions, paste-back)
 CPU_STAGES: tuple[str, ...] = ("render", "lipsync", "other")
+#: upper bounds (seconds) of the event-loop lag histogram: fine around the 1-50 ms that decide whether media is on
+#: time (a 25 fps frame is 40 ms), then coarse up to stalls of a second
+LOOP_LAG_BUCKETS_S: tuple[float, ...] = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04,
+                                         0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+#: how often the event-loop lag is sampled (seconds)
+LOOP_LAG_PERIOD_S = 0.1
 #: why an offer was refused: the ``reason`` label of ``edtalk_sessions_rejected_total``
 REJECT_REASONS: tuple[str, ...] = ("full", "bad_request", "too_large", "rate_limited", "unauthorized")
 
@@ -236,6 +244,71 @@ class ServerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+# ------------------------------------------------------------------------------------------ health over time
+
+
+class EventLoopLag:
+    """``edtalk_event_loop_lag_seconds``: how late a task asking to sleep :data:`LOOP_LAG_PERIOD_S` wakes.
+
+    Every session's media runs on the one event loop: a callback that holds it (a slow handler, the garbage
+    collector, the GIL held by another thread) delays every track's frames by as much. A small task sleeps
+    ``period`` again and again and records by how much each wake-up came late (:meth:`start` with the
+    server, :meth:`stop` at its end). A histogram, so ``serve --workers N`` sums it over the workers.
+    """
+
+    def __init__(self, registry: CollectorRegistry, period: float = LOOP_LAG_PERIOD_S):
+        self.period = period
+        self.histogram = Histogram("edtalk_event_loop_lag_seconds",
+                                   f"How late the event loop woke a task sleeping {period:g} s, seconds.",
+                                   buckets=LOOP_LAG_BUCKETS_S, registry=registry)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="event-loop-lag")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.period)
+            self.histogram.observe(max(loop.time() - t0 - self.period, 0.0))
+
+
+class BufferSizes:
+    """``edtalk_session_buffer_max{buffer=...}``: the largest size of each per-session buffer over the live
+    sessions, read when the metrics are collected (a collector). ``sizes()`` gives one ``{buffer: size}`` per
+    live session (:meth:`edtalk_live.realtime.session.Session.buffer_sizes`). Every buffer a session holds must
+    stay bounded however long it lasts; a soak (``benchmarks/soak.py``) watches these."""
+
+    NAME = "edtalk_session_buffer_max"
+
+    def __init__(self, sizes: Callable[[], Iterable[Mapping[str, float]]]):
+        self._sizes = sizes
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, "Largest size of each per-session buffer over live sessions.",
+                                labels=["buffer"])
+
+    def collect(self) -> Iterator[Metric]:
+        largest: dict[str, float] = {}
+        for sizes in self._sizes():
+            for name, value in sizes.items():
+                largest[name] = max(largest.get(name, 0.0), float(value))
+        family = GaugeMetricFamily(self.NAME, "Largest size of each per-session buffer over live sessions.",
+                                   labels=["buffer"])
+        for name in sorted(largest):
+            family.add_metric([name], largest[name])
+        yield family
+
+
 # ------------------------------------------------------------------------------------------ workers
 
 #: how the supervisor of ``serve --workers N`` merges a gauge over its live workers; any other gauge is
@@ -248,6 +321,7 @@ GAUGE_MERGE: dict[str, str] = {
     "edtalk_render_batch_seconds_ewma": "max",
     "process_start_time_seconds": "min",
     "process_max_fds": "max",
+    BufferSizes.NAME: "max",
 }
 #: metric types whose samples are cumulative (counters, histogram buckets, counts and sums): summed over
 #: every worker process that ever ran, the dead ones with the last values read from them

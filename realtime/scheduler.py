@@ -352,6 +352,10 @@ class FrameScheduler:
         """Requests waiting for dispatch."""
         return sum(1 for q in self._queues.values() for r in q if not r.future.done())
 
+    def queued(self, session: str) -> int:
+        """Requests of ``session`` waiting for dispatch (cancelled ones included until purged)."""
+        return len(self._queues.get(session, ()))
+
     @property
     def stats(self) -> SchedulerStats:
         """A snapshot of the counters (safe to keep; later frames do not change it)."""

@@ -40,7 +40,7 @@ from edtalk_live.realtime.audio_in import shorten_audio_buffer
 from edtalk_live.realtime.budget import RenderBudget
 from edtalk_live.realtime.limits import TokenBuckets, check_offer_sdp, clip, excerpt, loads_bounded
 from edtalk_live.realtime.lipbatch import LipBatcher
-from edtalk_live.realtime.metrics import ServerMetrics, SessionCounts
+from edtalk_live.realtime.metrics import BufferSizes, EventLoopLag, ServerMetrics, SessionCounts
 from edtalk_live.realtime.protocol import MAX_CONTROL_BYTES, POSE_MODES, SessionOptions, parse_control
 from edtalk_live.realtime.scheduler import FrameScheduler
 from edtalk_live.realtime.session import PRODUCER_TICK_S, Session
@@ -189,6 +189,7 @@ class AvatarServer:
         self.prometheus.av_offset.set_function(self._max_av_offset)
         self.gate = OfferGate(settings.token_secret, settings.offer_rate, settings.offer_burst,
                               on_reject=lambda reason: self.prometheus.sessions_rejected.labels(reason).inc())
+        self.loop_lag = self._health_metrics()
 
     # ------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -209,6 +210,7 @@ class AvatarServer:
         if self.settings.udp_ports is not None:
             restrict_udp_ports(asyncio.get_running_loop(), *self.settings.udp_ports)
         await self.scheduler.start()
+        self.loop_lag.start()
         if self.settings.render_budget is None:
             await self._warm_up()
         # what start-up made (model, avatars, imports) lives as long as the server: keep it out of the
@@ -250,6 +252,7 @@ class AvatarServer:
                     "%.0f ms", frame * 1000, self.budget.current() * 1000, self.budget.floor * 1000)
 
     async def _shutdown(self, _app: web.Application) -> None:
+        await self.loop_lag.stop()
         await asyncio.gather(*(self.close_peer(sid, "server shutdown") for sid in list(self.peers)))
         await self.lip_batcher.close()
         await self.scheduler.stop()
@@ -515,6 +518,12 @@ class AvatarServer:
                 peer.watchdog.cancel()
 
     # ------------------------------------------------------------ metrics
+    def _health_metrics(self) -> EventLoopLag:
+        """What a long run is judged by (``benchmarks/soak.py``): the event loop's lag (sampled while the server
+        runs) and the largest size of each per-session buffer, in the server's registry."""
+        self.prometheus.registry.register(BufferSizes(lambda: [p.session.buffer_sizes() for p in self.peers.values()]))
+        return EventLoopLag(self.prometheus.registry)
+
     def _live_counts(self) -> list[SessionCounts]:
         return [p.session.counts() for p in self.peers.values()] + [s.counts() for s in self._closing.values()]
 

@@ -562,7 +562,19 @@ class Session:
             "audio_anchor": self.audio.anchor_pos,
             "paused": self.paused,
             "pose": self.pose.mode,
+            "buffers": self.buffer_sizes(),
         }
+
+    def buffer_sizes(self) -> dict[str, int]:
+        """What this session holds now that a long session could let grow: rendered frames not sent yet, incoming
+        audio not yet played back (samples), the lip sync's buffers, its frames waiting in the scheduler, audio
+        arrivals kept for the latency, its tasks (renders in flight), its track's timing log. Each must stay
+        bounded whatever the session's length (``stats`` reply, ``edtalk_session_buffer_max``, the soak)."""
+        lips = self.lips.buffer_sizes
+        return {"frames": len(self.frames), "audio_unplayed": max(self.audio.cursor - self.voice.next_sample, 0),
+                "lip_samples": lips["samples"], "lip_mel_frames": lips["mel_frames"], "lip_frames": lips["lip_frames"],
+                "scheduler_queue": self.scheduler.queued(self.id), "arrivals": len(self._arrivals),
+                "tasks": len(self._tasks), "video_late_log": len(self.video.stats.late_ms)}
 
     def counts(self) -> SessionCounts:
         """The counters of this session for the server's Prometheus totals (each only grows)."""
