@@ -190,6 +190,7 @@ class Session:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.frames.clear()
+        self.audio.release()
 
     def consume(self, track) -> asyncio.Task | None:
         """Read the peer's audio track until it ends (frames placed by their timestamps)."""
