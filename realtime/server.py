@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,10 +171,15 @@ class AvatarServer:
         self._pastes: dict[str, Any] = {}
         self.started = time.time()
         self._closing: dict[str, Session] = {}          # left self.peers, still closing: still counted as live
+        self._pcs: weakref.WeakSet = weakref.WeakSet()   # every peer connection made, until it is freed
+        self._tasks: set[asyncio.Task] = set()          # the server's own short tasks (a bye's hang-up)
         self.prometheus = ServerMetrics(settings.max_sessions, self._live_counts, scheduler=self.scheduler.metrics)
         self.prometheus.sessions.set_function(lambda: len(self.peers))
         self.prometheus.session_fps.set_function(self._mean_fps)
         self.prometheus.av_offset.set_function(self._max_av_offset)
+        self.prometheus.peer_connections.set_function(
+            lambda: sum(pc.connectionState != "closed" for pc in list(self._pcs)))
+        self.prometheus.asyncio_tasks.set_function(_loop_tasks)
         self.gate = OfferGate(settings.token_secret, settings.offer_rate, settings.offer_burst,
                               on_reject=lambda reason: self.prometheus.sessions_rejected.labels(reason).inc())
 
@@ -321,6 +327,7 @@ class AvatarServer:
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
         pc = RTCPeerConnection(self.rtc_configuration())
+        self._pcs.add(pc)
         sid = uuid.uuid4().hex
         paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
@@ -356,7 +363,10 @@ class AvatarServer:
                                     "second): dropping them until they slow down")}))
                             return
                         limited["now"] = False
-                        channel.send(json.dumps(self._control(session, message)))
+                        reply = self._control(session, message)
+                        channel.send(json.dumps(reply))
+                        if reply.get("for") == "bye" and reply["type"] == "ok":
+                            self._background(self.close_peer(sid, "bye"), f"session-{sid[:8]}-bye")
                     except Exception:  # noqa: BLE001 - e.g. the channel closed under us
                         logger.warning("session %s: a control message failed", sid[:8], exc_info=True)
 
@@ -395,6 +405,12 @@ class AvatarServer:
         finally:
             if not ok:
                 await self.close_peer(sid, "setup failed")
+
+    def _background(self, coro, name: str) -> None:
+        """Run ``coro`` as a task the server holds until it ends (the loop keeps only weak references)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def render_budget(self) -> float:
         """The render budget of a session starting now: the fixed one, or the measured one."""
@@ -518,3 +534,11 @@ class AvatarServer:
     async def metrics(self, _request: web.Request) -> web.Response:
         body, content_type = self.prometheus.exposition()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _loop_tasks() -> int:
+    """asyncio tasks not done in the running event loop (0 outside one)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0

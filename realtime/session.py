@@ -37,6 +37,7 @@ from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.metrics import LATENCY_BUCKETS_S, SessionCounts, latency_bucket
 from edtalk_live.realtime.probe import paint_index
 from edtalk_live.realtime.protocol import (
+    Bye,
     Choices,
     ControlMessage,
     Emotion,
@@ -442,7 +443,7 @@ class Session:
                 self.paused = False
             case Interrupt():
                 self.interrupt()
-            case Stats():
+            case Stats() | Bye():            # bye: the server ends the session once the reply is sent
                 pass
             case _:
                 raise InputError(f"not a control message: {msg!r}")
