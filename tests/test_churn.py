@@ -19,9 +19,10 @@ from edtalk_live.benchmarks.churn import (
     RESOURCES,
     RSS_LIMIT_KIB,
     Cycle,
-    _strip_candidates,
     format_table,
     rss_slope,
+    rss_slope_lsq,
+    strip_candidates,
     summarise,
 )
 
@@ -37,11 +38,17 @@ def _cycles(n: int, rss_step_kib: float, excess_at: dict[int, dict[str, float]] 
     return out
 
 
-def test_the_memory_slope_is_a_least_squares_line():
-    assert rss_slope([100.0, 120.0, 140.0, 160.0]) == pytest.approx(20.0)
-    assert rss_slope([5.0]) == 0.0
-    # a sawtooth (garbage collected now and then) around a flat line has no slope to speak of
-    assert abs(rss_slope([1000.0 + (500 if i % 10 == 9 else 0) for i in range(1000)])) < 0.1
+def test_the_memory_slope_is_a_robust_line():
+    for slope in (rss_slope, rss_slope_lsq):
+        assert slope([100.0, 120.0, 140.0, 160.0]) == pytest.approx(20.0)
+        assert slope([5.0]) == 0.0
+        # a sawtooth (garbage collected now and then) around a flat line has no slope to speak of
+        assert abs(slope([1000.0 + (500 if i % 10 == 9 else 0) for i in range(1000)])) < 0.2
+    leak = [1000.0 + 25 * i + 300 * (i % 3) for i in range(3000)]          # 25 KiB a call, noisy, subsampled
+    assert rss_slope(leak) == pytest.approx(25.0, abs=0.5)
+    # a cache that grows once by 4 MiB a third of the way through 180 calls is not 20 KiB a call
+    step = [1000.0 + (4096 if i > 60 else 0) for i in range(180)]
+    assert rss_slope(step) < 1.0 < RSS_LIMIT_KIB < rss_slope_lsq(step)
 
 
 def test_memory_growth_and_resources_not_given_back_fail_the_run():
@@ -67,10 +74,42 @@ def test_memory_growth_and_resources_not_given_back_fail_the_run():
     assert all(f"| {e} | " in table for e in ENDINGS)
 
 
+def test_what_a_call_holds_is_in_the_metrics_and_adds_up_over_workers():
+    import threading
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edtalk_live.realtime.metrics import MergedMetrics, ServerMetrics
+
+    def scrape(body: bytes) -> dict[str, float]:
+        return {s.name: s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+
+    metrics = ServerMetrics(4, list)
+    metrics.peer_connections.set_function(lambda: 2)
+    metrics.asyncio_tasks.set_function(lambda: 9)
+    started = threading.Event()
+    worker = threading.Thread(target=started.wait)
+    before = scrape(metrics.exposition()[0])["edtalk_threads"]
+    worker.start()
+    try:
+        mine = scrape(metrics.exposition()[0])
+    finally:
+        started.set()
+        worker.join()
+    assert mine["edtalk_threads"] == before + 1 >= threading.active_count()
+    assert set(RESOURCES.values()) <= set(mine)
+    merged = MergedMetrics(8, 2)
+    for w, (pcs, tasks) in enumerate(((1, 5), (2, 7))):
+        merged.update(w, f"# TYPE edtalk_peer_connections gauge\nedtalk_peer_connections {pcs}\n"
+                         f"# TYPE edtalk_asyncio_tasks gauge\nedtalk_asyncio_tasks {tasks}\n")
+    total = scrape(merged.exposition()[0])
+    assert total["edtalk_peer_connections"] == 3 and total["edtalk_asyncio_tasks"] == 12
+
+
 def test_the_no_ice_ending_strips_every_candidate():
     sdp = ("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\na=candidate:1 1 udp 1 127.0.0.1 5000 typ host\r\n"
            "a=end-of-candidates\r\na=ice-ufrag:x\r\n")
-    assert _strip_candidates(sdp) == "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\na=ice-ufrag:x\r\n"
+    assert strip_candidates(sdp) == "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\na=ice-ufrag:x\r\n"
 
 
 @pytest.mark.slow
@@ -81,8 +120,10 @@ def test_200_calls_give_everything_back(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edtalk_live.benchmarks.churn", "--cycles", "200", "--timeout",
                            "0.5", "--hold", "0.1", "--json", str(out)], capture_output=True, text=True, timeout=420)
     assert out.exists(), proc.stderr[-3000:]
-    summary = json.loads(out.read_text())["summary"]
-    report = proc.stdout + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    summary = data["summary"]
+    rss = " ".join(f"{c['rss_kib'] / 1024:.1f}" for c in data["cycles"][::10])
+    report = f"{proc.stdout}{proc.stderr[-2000:]}\nRSS every 10th cycle (MiB): {rss}"
     assert summary["cycles"] == 200 and summary["warmup"] == 20
     assert summary["errors"] == 0, report
     assert summary["rss_slope_kib_per_cycle"] <= RSS_LIMIT_KIB, report
