@@ -17,7 +17,7 @@ at a time by an aiortc client in this process, rotating how a call ends (:data:`
 
 Before the first call and after each one, the server's ``/metrics`` are read until what a call holds is back
 where it was (:data:`RESOURCES`: live sessions, peer connections not closed, asyncio tasks, threads, open file
-descriptors; at most ``--settle`` seconds); how long that took is recorded per ending. The baseline is read
+descriptors; at most ``--settle`` seconds, 5); how long that took is recorded per ending. The baseline is read
 after the warm-up (the first ``--warmup`` of the cycles: thread pools and caches fill there). The server's
 resident memory after each cycle (``process_resident_memory_bytes``) is fitted by a line over the cycles after
 the warm-up (a Theil-Sen line, robust to a cache that grows once; the least-squares slope is shown too):
@@ -202,7 +202,7 @@ async def _settle(url: str, baseline: dict[str, float] | None, timeout: float, p
         await asyncio.sleep(poll)
 
 
-async def run_cycles(url: str, cycles: int, warmup: int, settle: float = 10.0, hold: float = 0.2
+async def run_cycles(url: str, cycles: int, warmup: int, settle: float = 5.0, hold: float = 0.2
                      ) -> tuple[list[Cycle], dict[str, float]]:
     """``cycles`` calls, one at a time, rotating :data:`ENDINGS`; returns them and the baseline (read after the
     first ``warmup`` calls)."""
@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="backend of the server started here (auto)")
     p.add_argument("--timeout", type=float, default=SERVER_TIMEOUT_S,
                    help="--connect-timeout and --inactivity-timeout of the server started here, seconds (1)")
-    p.add_argument("--settle", type=float, default=10.0,
-                   help="seconds a cycle may take to give everything back (10)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds a cycle may take to give everything back (5)")
     p.add_argument("--hold", type=float, default=0.2, help="seconds a connected call receives video (0.2)")
     p.add_argument("--json", metavar="OUT", help="also write every cycle here")
     return p
