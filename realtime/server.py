@@ -17,6 +17,7 @@ no STUN request to anyone).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import functools
@@ -24,6 +25,8 @@ import gc
 import importlib.resources
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 import weakref
@@ -52,6 +55,10 @@ logger = logging.getLogger(__name__)
 #: how often a session's peer is checked (not connected in time, no audio for a while): a vanished peer is
 #: reclaimed at most this long after its timeout (a browser sends audio, silence included, every 20 ms)
 WATCH_PERIOD_S = 0.25
+
+#: threads of the event loop's default executor, where aiortc encodes every session's audio and video (asyncio's
+#: own default size)
+CODEC_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 #: the browser page, package data of this package
 WEB_DIR = Path(str(importlib.resources.files("edtalk_live.realtime") / "web"))
@@ -205,6 +212,7 @@ class AvatarServer:
     async def _startup(self, _app: web.Application) -> None:
         if self.settings.udp_ports is not None:
             restrict_udp_ports(asyncio.get_running_loop(), *self.settings.udp_ports)
+        asyncio.get_running_loop().set_default_executor(_started_pool(CODEC_THREADS))
         await self.scheduler.start()
         if self.settings.render_budget is None:
             await self._warm_up()
@@ -557,6 +565,17 @@ class AvatarServer:
     async def metrics(self, _request: web.Request) -> web.Response:
         body, content_type = self.prometheus.exposition()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _started_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool with all its threads started. asyncio's default executor starts a thread whenever a job finds
+    none idle, up to its size, at any time: a closed session's last encode still running when the next session
+    encodes grew the server's threads long after start-up (one more after ~400 calls in benchmarks/churn.py)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="asyncio")
+    barrier = threading.Barrier(threads)
+    for job in [pool.submit(barrier.wait, 10.0) for _ in range(threads)]:
+        job.result()
+    return pool
 
 
 def _malloc_trim():
