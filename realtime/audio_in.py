@@ -168,6 +168,11 @@ class AudioInput:
         self.ring.write(self.cursor, samples)
         self.cursor += len(samples)
 
+    def release(self) -> None:
+        """Free the resampler now: its FFmpeg filter graph holds native threads until it is freed, and the session
+        owning this input may wait for the garbage collector (reference cycles through its peer connection)."""
+        self._resampler = None
+
     def fill_silence_until(self, pos: int) -> None:
         """Advance the cursor to ``pos`` with silence (no audio arriving: the mouth must rest)."""
         if pos > self.cursor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -234,6 +235,14 @@ class ServerMetrics:
                                  registry=r)
         self.av_offset = Gauge("edtalk_av_offset_seconds",
                                "Largest recent |video - voice| offset over live sessions, seconds.", registry=r)
+        # what a session holds while it lives, to check from outside that an ended one gave it all back (the
+        # process collector gives the open file descriptors and the memory)
+        self.peer_connections = Gauge("edtalk_peer_connections", "WebRTC peer connections not closed.", registry=r)
+        self.asyncio_tasks = Gauge("edtalk_asyncio_tasks", "asyncio tasks not done in the server's event loop.",
+                                   registry=r)
+        self.threads = Gauge("edtalk_threads", "Threads of the server process, native codec threads included.",
+                             registry=r)
+        self.threads.set_function(process_threads)
         self.session_totals = SessionTotals(live_counts)
         r.register(self.session_totals)
         if scheduler is not None:
@@ -309,11 +318,25 @@ class BufferSizes:
         yield family
 
 
+def process_threads() -> int:
+    """Threads of this process as the OS counts them (``/proc/self/status``: native threads of codecs and
+    thread pools included); Python's own threads where there is no ``/proc``."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return threading.active_count()
+
+
 # ------------------------------------------------------------------------------------------ workers
 
 #: how the supervisor of ``serve --workers N`` merges a gauge over its live workers; any other gauge is
-#: summed (live sessions, queue depth, frames in flight); ``own``: the supervisor's value (the whole
-#: server's session limit); ``session_mean``: the mean weighted by each worker's live sessions
+#: summed (live sessions, queue depth, frames in flight, peer connections, asyncio tasks, threads, open
+#: fds); ``own``: the supervisor's value (the whole server's session limit); ``session_mean``: the mean
+#: weighted by each worker's live sessions
 GAUGE_MERGE: dict[str, str] = {
     "edtalk_sessions_max": "own",
     "edtalk_session_fps": "session_mean",

@@ -9,7 +9,7 @@ Control messages are JSON objects with a ``type``::
     {"type": "emotion", "name": "happy", "intensity": 1.2}    name null/"" = no expression; intensity optional
     {"type": "intensity", "value": 0.8}
     {"type": "pose", "mode": "idle"}                          still | clip | idle
-    {"type": "pause"} {"type": "resume"} {"type": "interrupt"} {"type": "stats"}
+    {"type": "pause"} {"type": "resume"} {"type": "interrupt"} {"type": "stats"} {"type": "bye"}
 
 Each is answered with ``{"type": "ok" | "stats", "for": <type>, "stats": {...}}`` or
 ``{"type": "error", "error": "..."}``. Unknown extra fields are ignored. The server also sends events of its
@@ -196,10 +196,18 @@ class Stats:
     type: ClassVar[str] = "stats"
 
 
-ControlMessage = Emotion | Intensity | Pose | Pause | Resume | Interrupt | Stats
+@dataclass(frozen=True)
+class Bye:
+    """Hang up: the reply is sent, then the server ends the session and closes the peer connection."""
+
+    type: ClassVar[str] = "bye"
+
+
+ControlMessage = Emotion | Intensity | Pose | Pause | Resume | Interrupt | Stats | Bye
 
 #: control message types, in the order error messages list them
-CONTROL_TYPES: tuple[str, ...] = tuple(m.type for m in (Emotion, Intensity, Pose, Pause, Resume, Interrupt, Stats))
+CONTROL_TYPES: tuple[str, ...] = tuple(m.type for m in (Emotion, Intensity, Pose, Pause, Resume, Interrupt, Stats,
+                                                            Bye))
 
 
 def parse_control(raw: str | bytes | dict[str, Any], choices: Choices) -> ControlMessage:
@@ -225,7 +233,7 @@ def parse_control(raw: str | bytes | dict[str, Any], choices: Choices) -> Contro
         return Intensity(check_intensity(msg.get("value")))
     if kind == "pose":
         return Pose(check_pose_mode(msg.get("mode"), choices))
-    simple = {"pause": Pause, "resume": Resume, "interrupt": Interrupt, "stats": Stats}
+    simple = {"pause": Pause, "resume": Resume, "interrupt": Interrupt, "stats": Stats, "bye": Bye}
     if kind in simple:
         return simple[kind]()
     raise InputError(f"unknown control message type {excerpt(kind)}; known: {', '.join(CONTROL_TYPES)}")

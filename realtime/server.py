@@ -17,13 +17,19 @@ no STUN request to anyone).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import ctypes
+import ctypes.util
 import functools
 import gc
 import importlib.resources
 import json
 import logging
+import os
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,10 @@ logger = logging.getLogger(__name__)
 #: how often a session's peer is checked (not connected in time, no audio for a while): a vanished peer is
 #: reclaimed at most this long after its timeout (a browser sends audio, silence included, every 20 ms)
 WATCH_PERIOD_S = 0.25
+
+#: threads of the event loop's default executor, where aiortc encodes every session's audio and video (asyncio's
+#: own default size)
+CODEC_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 #: the browser page, package data of this package
 WEB_DIR = Path(str(importlib.resources.files("edtalk_live.realtime") / "web"))
@@ -183,10 +193,17 @@ class AvatarServer:
         self._pastes: dict[str, Any] = {}
         self.started = time.time()
         self._closing: dict[str, Session] = {}          # left self.peers, still closing: still counted as live
+        self._pcs: weakref.WeakSet = weakref.WeakSet()   # every peer connection made, until it is freed
+        self._tasks: set[asyncio.Task] = set()          # the server's own short tasks (a bye's hang-up)
+        self._malloc_trim = _malloc_trim()
+        self._releasing: asyncio.Task | None = None     # the memory of ended sessions being given back
         self.prometheus = ServerMetrics(settings.max_sessions, self._live_counts, scheduler=self.scheduler.metrics)
         self.prometheus.sessions.set_function(lambda: len(self.peers))
         self.prometheus.session_fps.set_function(self._mean_fps)
         self.prometheus.av_offset.set_function(self._max_av_offset)
+        self.prometheus.peer_connections.set_function(
+            lambda: sum(pc.connectionState != "closed" for pc in list(self._pcs)))
+        self.prometheus.asyncio_tasks.set_function(_loop_tasks)
         self.gate = OfferGate(settings.token_secret, settings.offer_rate, settings.offer_burst,
                               on_reject=lambda reason: self.prometheus.sessions_rejected.labels(reason).inc())
         self.loop_lag = self._health_metrics()
@@ -209,6 +226,7 @@ class AvatarServer:
     async def _startup(self, _app: web.Application) -> None:
         if self.settings.udp_ports is not None:
             restrict_udp_ports(asyncio.get_running_loop(), *self.settings.udp_ports)
+        asyncio.get_running_loop().set_default_executor(_started_pool(CODEC_THREADS))
         await self.scheduler.start()
         self.loop_lag.start()
         if self.settings.render_budget is None:
@@ -254,6 +272,7 @@ class AvatarServer:
     async def _shutdown(self, _app: web.Application) -> None:
         await self.loop_lag.stop()
         await asyncio.gather(*(self.close_peer(sid, "server shutdown") for sid in list(self.peers)))
+        await asyncio.gather(*self._tasks, *([self._releasing] if self._releasing else []), return_exceptions=True)
         await self.lip_batcher.close()
         await self.scheduler.stop()
 
@@ -348,6 +367,7 @@ class AvatarServer:
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
         pc = RTCPeerConnection(self.rtc_configuration())
+        self._pcs.add(pc)
         sid = uuid.uuid4().hex
         paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
@@ -384,7 +404,10 @@ class AvatarServer:
                                     "second): dropping them until they slow down")}))
                             return
                         limited["now"] = False
-                        channel.send(json.dumps(self._control(session, message)))
+                        reply = self._control(session, message)
+                        channel.send(json.dumps(reply))
+                        if reply.get("for") == "bye" and reply["type"] == "ok":
+                            self._background(self.close_peer(sid, "bye"), f"session-{sid[:8]}-bye")
                     except Exception:  # noqa: BLE001 - e.g. the channel closed under us
                         logger.warning("session %s: a control message failed", sid[:8], exc_info=True)
 
@@ -423,6 +446,12 @@ class AvatarServer:
         finally:
             if not ok:
                 await self.close_peer(sid, "setup failed")
+
+    def _background(self, coro, name: str) -> None:
+        """Run ``coro`` as a task the server holds until it ends (the loop keeps only weak references)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def render_budget(self) -> float:
         """The render budget of a session starting now: the fixed one, or the measured one."""
@@ -516,6 +545,24 @@ class AvatarServer:
                 logger.warning("session %s: error while closing the peer connection", sid[:8], exc_info=True)
             if peer.watchdog is not None and peer.watchdog is not asyncio.current_task():
                 peer.watchdog.cancel()
+            if self._releasing is None or self._releasing.done():
+                self._releasing = asyncio.create_task(self._release_memory(), name="release-memory")
+
+    async def _release_memory(self, after: float = 0.1) -> None:
+        """Give the memory of ended sessions back to the OS (once for the sessions that end together).
+
+        A session and its peer connection sit in reference cycles (the tracks and aiortc's event handlers
+        point back at them), so they are freed by the garbage collector, not when they end: collect them.
+        Then glibc's allocator keeps the freed memory (a session's 2 MB sample ring, frames, codec buffers)
+        in its heaps, where later sessions do not fit it back: measured by benchmarks/churn.py, RSS grew
+        by about 250 KiB a call until ``malloc_trim`` returned the free pages (0.2-3 ms measured).
+        """
+        await asyncio.sleep(after)          # aiortc's own tasks of the closed peer connections finish first
+        gc.collect()
+        if self._malloc_trim is not None:
+            # on the loop (a few ms at most): in the default executor it could meet a closed session's last
+            # encodes still running there and add a thread to that pool
+            self._malloc_trim(0)
 
     # ------------------------------------------------------------ metrics
     def _health_metrics(self) -> EventLoopLag:
@@ -539,3 +586,31 @@ class AvatarServer:
     async def metrics(self, _request: web.Request) -> web.Response:
         body, content_type = self.prometheus.exposition()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _started_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool with all its threads started. asyncio's default executor starts a thread whenever a job finds
+    none idle, up to its size, at any time: a closed session's last encode still running when the next session
+    encodes grew the server's threads long after start-up (one more after ~400 calls in benchmarks/churn.py)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="asyncio")
+    barrier = threading.Barrier(threads)
+    for job in [pool.submit(barrier.wait, 10.0) for _ in range(threads)]:
+        job.result()
+    return pool
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None with another C library)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def _loop_tasks() -> int:
+    """asyncio tasks not done in the running event loop (0 outside one)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0

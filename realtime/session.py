@@ -38,6 +38,7 @@ from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.metrics import LATENCY_BUCKETS_S, SessionCounts, latency_bucket
 from edtalk_live.realtime.probe import paint_index
 from edtalk_live.realtime.protocol import (
+    Bye,
     Choices,
     ControlMessage,
     Emotion,
@@ -205,6 +206,7 @@ class Session:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.frames.clear()
         self.scheduler.forget(self.id)
+        self.audio.release()
 
     def consume(self, track) -> asyncio.Task | None:
         """Read the peer's audio track until it ends (frames placed by their timestamps)."""
@@ -516,7 +518,7 @@ class Session:
                 self.paused = False
             case Interrupt():
                 self.interrupt()
-            case Stats():
+            case Stats() | Bye():            # bye: the server ends the session once the reply is sent
                 pass
             case _:
                 raise InputError(f"not a control message: {msg!r}")

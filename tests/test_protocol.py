@@ -32,7 +32,7 @@ def test_control_messages_parse_to_typed_messages():
     for kind, cls in (("pause", Pause), ("resume", Resume), ("interrupt", Interrupt), ("stats", Stats)):
         msg = parse_control(json.dumps({"type": kind}), CHOICES)
         assert msg == cls() and msg.type == kind
-    assert CONTROL_TYPES == ("emotion", "intensity", "pose", "pause", "resume", "interrupt", "stats")
+    assert CONTROL_TYPES == ("emotion", "intensity", "pose", "pause", "resume", "interrupt", "stats", "bye")
 
 
 @pytest.mark.parametrize(("raw", "error"), [
