@@ -176,7 +176,7 @@ def test_control_channel_replies(edtalk_weights, face_image, speech):
     kinds = [(r["type"], r.get("for"), r.get("error", "")) for r in result.replies]
     assert ("error", None, "control message is not valid JSON") in kinds
     assert ("error", None, "unknown control message type 'dance'; known: emotion, intensity, pose, pause, "
-            "resume, interrupt, stats") in kinds
+            "resume, interrupt, stats, bye") in kinds
     assert ("ok", "emotion", "") in kinds
     assert any(t == "error" and "intensity must be between 0 and 2" in e for t, _, e in kinds)
     assert any(t == "error" and "needs a pose clip" in e for t, _, e in kinds)
