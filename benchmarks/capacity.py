@@ -65,7 +65,7 @@ from edtalk_live.edtalk.timing import FPS
 __all__ = ["LIVE_UNIT", "Level", "Snapshot", "format_table", "live_row", "main", "read_metrics", "snapshot",
            "summarise_level"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("edtalk_live.benchmarks.capacity")     # also when run as __main__
 
 #: a level keeps up when at most this fraction of its frames is late ...
 LATE_LIMIT = 0.01
