@@ -121,6 +121,18 @@ def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
 # ================================================================================================ weights
 
 
+def bench_weights(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, str]:
+    """A benchmark's model: ``--weights``/``--avatar`` as given, else seeded random ``--random`` weights written
+    into ``tmp``; ``(weights, avatar, a note saying which)``."""
+    if getattr(args, "weights", None):
+        weights, avatar = Path(args.weights), Path(args.avatar)
+        return weights, avatar, f"weights {weights.name}, avatar {avatar.name}"
+    logger.info("writing random %s weights (seed %d)", args.random, args.seed)
+    weights, avatar = write_random_weights(tmp / "weights", args.random, getattr(args, "family", "edtalk"),
+                                           args.seed)
+    return weights, avatar, f"`{args.random}` config, seeded random weights (seed {args.seed}), random-noise avatar"
+
+
 def write_random_weights(dest: Path, config_name: str, family: str = "edtalk", seed: int = 0
                          ) -> tuple[Path, Path]:
     """Seeded random official-layout weights and a random-noise avatar PNG in ``dest``.
@@ -915,13 +927,7 @@ async def _bench(args: argparse.Namespace, audio: np.ndarray, tmp: Path
     if args.server:
         server = _remote_server(args)
     else:
-        if args.random:
-            logger.info("writing random %s weights (seed %d)", args.random, args.seed)
-            weights, avatar = write_random_weights(tmp / "weights", args.random, args.family, args.seed)
-            note = f"`{args.random}` config, seeded random weights (seed {args.seed}), random-noise avatar"
-        else:
-            weights, avatar = Path(args.weights), Path(args.avatar)
-            note = f"weights {weights}, avatar {avatar.name}"
+        weights, avatar, note = bench_weights(args, tmp)
         server = (_child_server(weights, avatar, args, note, tmp) if args.server_process
                   else _in_process_server(weights, avatar, args, note))
     options: dict[str, Any] = {"probe": True}

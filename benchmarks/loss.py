@@ -66,10 +66,10 @@ from edtalk_live.benchmarks.latency import (
     _to_16k,
     _valid_indices,
     analyse_session,
+    bench_weights,
     machine_line,
     speech_like,
     voice_blocks,
-    write_random_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -405,12 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = _load()
     date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     with tempfile.TemporaryDirectory(prefix="edtalk-loss-") as tmp:
-        if args.weights:
-            weights, avatar = Path(args.weights), Path(args.avatar)
-            note = f"weights {weights.name}, avatar {avatar.name}"
-        else:
-            weights, avatar = write_random_weights(Path(tmp) / "weights", args.random, seed=args.seed)
-            note = f"`{args.random}` config, seeded random weights (seed {args.seed}), random-noise avatar"
+        weights, avatar, note = bench_weights(args, Path(tmp))
         logger.info("call: %g s without loss, then %g s at %g %% UDP loss%s", args.baseline, args.seconds, args.loss,
                     " (and a failing session)" if args.fault else "")
         t0 = time.monotonic()

@@ -51,11 +51,11 @@ from edtalk_live.benchmarks.latency import (
     TAIL_S,
     _f,
     _load,
+    bench_weights,
     machine_line,
     pin_to,
     server_process,
     speech_like,
-    write_random_weights,
 )
 from edtalk_live.benchmarks.loss import windows
 from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE
@@ -393,12 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = _load()
     date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     with tempfile.TemporaryDirectory(prefix="edtalk-soak-") as tmp:
-        if args.weights:
-            weights, avatar = Path(args.weights), Path(args.avatar)
-            note = f"weights {weights.name}, avatar {avatar.name}"
-        else:
-            weights, avatar = write_random_weights(Path(tmp) / "weights", args.random, seed=args.seed)
-            note = f"`{args.random}` config, seeded random weights (seed {args.seed}), random-noise avatar"
+        weights, avatar, note = bench_weights(args, Path(tmp))
         data = asyncio.run(_soak(args, weights, avatar, Path(tmp)))
     command = shlex.join(["python", "-m", "edtalk_live.benchmarks.soak", *(sys.argv[1:] if argv is None else argv)])
     data.update(command=command, date=date, machine=machine_line(), load_start=load_start, load_end=_load(),

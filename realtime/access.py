@@ -82,6 +82,14 @@ def turn_credentials(secret: str, ttl_s: float, user: str = TOKEN_AUDIENCE, now:
     return {"username": username, "credential": base64.b64encode(digest).decode("ascii")}
 
 
+def rtc_ice_servers(entries) -> list:
+    """ICE server entries as ``/config`` lists them (``{"urls", "username"?, "credential"?}``) -> aiortc's
+    ``RTCIceServer`` objects (the server's peer connections and the Python client use the same)."""
+    from aiortc import RTCIceServer
+
+    return [RTCIceServer(urls=e["urls"], username=e.get("username"), credential=e.get("credential")) for e in entries]
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` keeps the server on this machine (``localhost``, 127.0.0.0/8, ::1)."""
     if host == "localhost":

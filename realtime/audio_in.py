@@ -206,12 +206,20 @@ def shorten_audio_buffer(pc, track, prefetch: int) -> bool:
     capacity = 2
     while capacity < prefetch + 1:
         capacity *= 2
+    return replace_jitter_buffer(pc, track, lambda: JitterBuffer(capacity=capacity, prefetch=prefetch),
+                                 "its default (80 ms, 300 ms after a loss) stays")
+
+
+def replace_jitter_buffer(pc, track, make, otherwise: str) -> bool:
+    """Give ``track``'s receiver on ``pc`` the jitter buffer ``make()`` returns. aiortc has no setting for it: the
+    buffer is a private attribute of ``RTCRtpReceiver``, set before any packet arrives. Returns False, with a
+    warning ending in ``otherwise``, when this aiortc has none to replace (or ``track`` is not ``pc``'s)."""
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
         if receiver is not None and receiver.track is track:
             if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-                logger.warning("aiortc's audio jitter buffer not found: its default (80 ms, 300 ms after a loss) stays")
+                logger.warning("aiortc's %s jitter buffer not found: %s", track.kind, otherwise)
                 return False
-            receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=capacity, prefetch=prefetch)
+            receiver._RTCRtpReceiver__jitter_buffer = make()
             return True
     return False

@@ -27,7 +27,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.edtalk.timing import SAMPLE_RATE
 from edtalk_live.media.io import load_audio
-from edtalk_live.realtime.audio_in import shorten_audio_buffer
+from edtalk_live.realtime.access import rtc_ice_servers
+from edtalk_live.realtime.audio_in import replace_jitter_buffer, shorten_audio_buffer
 from edtalk_live.realtime.probe import read_index
 
 logger = logging.getLogger(__name__)
@@ -140,15 +141,7 @@ def skip_lost_video(pc, track) -> bool:
     for a keyframe (see ``CatchUpVideoBuffer``), as browsers do. aiortc has no setting for it: the buffer is
     a private attribute of ``RTCRtpReceiver``, set before any packet arrives. Returns False, with a
     warning, when this aiortc has none to replace."""
-    for transceiver in pc.getTransceivers():
-        receiver = transceiver.receiver
-        if receiver is not None and receiver.track is track:
-            if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-                logger.warning("aiortc's video jitter buffer not found: a lost packet may stall the video")
-                return False
-            receiver._RTCRtpReceiver__jitter_buffer = _video_buffer_class()()
-            return True
-    return False
+    return replace_jitter_buffer(pc, track, _video_buffer_class(), "a lost packet may stall the video")
 
 
 @dataclass
@@ -300,7 +293,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     not the frames: a call of hours fits in memory.
     """
     import aiohttp
-    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
     samples = audio if isinstance(audio, np.ndarray) else load_audio(audio, RATE)
     base = server.rstrip("/")
@@ -309,8 +302,7 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     ice = await _ice_servers(base, headers)
     writer = _Writer(result.out) if result.out else None
     # the server's ICE servers; none when it has none (aiortc's default for None asks a public STUN server)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[
-        RTCIceServer(urls=e["urls"], username=e.get("username"), credential=e.get("credential")) for e in ice]))
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=rtc_ice_servers(ice)))
     sender_track = FileAudioTrack(samples)
     pc.addTrack(sender_track)
     pc.addTransceiver("video", direction="recvonly")

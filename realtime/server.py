@@ -41,7 +41,7 @@ from aiohttp import web
 from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
-from edtalk_live.realtime.access import OfferGate, cors_middleware, turn_credentials
+from edtalk_live.realtime.access import OfferGate, cors_middleware, rtc_ice_servers, turn_credentials
 from edtalk_live.realtime.audio_in import shorten_audio_buffer
 from edtalk_live.realtime.budget import RenderBudget
 from edtalk_live.realtime.limits import TokenBuckets, check_offer_sdp, clip, excerpt, loads_bounded
@@ -357,11 +357,9 @@ class AvatarServer:
     def rtc_configuration(self):
         """The sessions' ``RTCConfiguration``: the ICE servers configured, and none when none are (an
         explicit empty list: aiortc's default for ``None`` is a public STUN server, asked by every session)."""
-        from aiortc import RTCConfiguration, RTCIceServer
+        from aiortc import RTCConfiguration
 
-        return RTCConfiguration(iceServers=[
-            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-            for s in self.ice_servers()])
+        return RTCConfiguration(iceServers=rtc_ice_servers(self.ice_servers()))
 
     async def _connect(self, sdp: str, options: SessionOptions) -> dict:
         from aiortc import RTCPeerConnection, RTCSessionDescription

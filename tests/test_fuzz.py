@@ -19,25 +19,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from edtalk_live.benchmarks import fuzz
+
 HARNESS = Path(__file__).with_name("fuzz_parsers.py")
 RUNS = int(os.environ.get("EDTALK_FUZZ_RUNS", "40000"))
 
 
-async def _offer_sdp() -> str:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio")
-    pc.addTransceiver("video", direction="recvonly")
-    pc.createDataChannel("control")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
-
-
 def _seeds(folder: Path) -> None:
-    sdp = asyncio.run(_offer_sdp())
+    sdp = asyncio.run(fuzz.offer_sdp())
     controls = [{"type": "emotion", "name": "happy", "intensity": 1.5}, {"type": "intensity", "value": 0.5},
                 {"type": "pose", "mode": "still"}, {"type": "pause"}, {"type": "resume"}, {"type": "interrupt"},
                 {"type": "stats"}, {"type": "bye"}]
