@@ -52,6 +52,10 @@ LOOP_LAG_BUCKETS_S: tuple[float, ...] = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.0
                                          0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 #: how often the event-loop lag is sampled (seconds)
 LOOP_LAG_PERIOD_S = 0.1
+#: what a sink counts: the ``edtalk_sink_<what>_total`` counters (see :class:`edtalk_live.realtime.sinks.SinkStats`)
+SINK_COUNTS: tuple[str, ...] = ("frames", "drops", "reconnects", "errors")
+#: the kinds of output sink, exported from 0 (``kind`` label)
+SINK_KINDS: tuple[str, ...] = ("webrtc", "whep", "rtmp", "virtualcam")
 #: why an offer was refused: the ``reason`` label of ``edtalk_sessions_rejected_total``
 REJECT_REASONS: tuple[str, ...] = ("full", "bad_request", "too_large", "rate_limited", "unauthorized")
 
@@ -207,6 +211,30 @@ class SessionTotals:
                                     buckets=buckets, sum_value=c.latency_sum)
 
 
+# ------------------------------------------------------------------------------------------ sinks
+
+
+class SinkMetrics:
+    """Per-sink-kind counters of the sessions' output sinks (:mod:`edtalk_live.realtime.sinks`), counted as the
+    sinks work (from their own threads too: prometheus_client's counters are thread-safe)."""
+
+    HELP = {"frames": "Frames delivered by output sinks, by sink kind.",
+            "drops": "Frames output sinks dropped because they fell behind, by sink kind.",
+            "reconnects": "Reconnections of output sinks after a failure, by sink kind.",
+            "errors": "Failures of output sinks (refused connections, failed sends), by sink kind."}
+
+    def __init__(self, registry: CollectorRegistry):
+        self.counters = {what: Counter(f"edtalk_sink_{what}", self.HELP[what], ["kind"], registry=registry)
+                         for what in SINK_COUNTS}
+        for counter in self.counters.values():
+            for kind in SINK_KINDS:
+                counter.labels(kind)
+        self.active = Gauge("edtalk_sinks", "Output sinks running now, by sink kind.", ["kind"], registry=registry)
+
+    def count(self, kind: str, what: str, n: int = 1) -> None:
+        self.counters[what].labels(kind).inc(n)
+
+
 # ------------------------------------------------------------------------------------------ server
 
 
@@ -243,6 +271,7 @@ class ServerMetrics:
         self.threads = Gauge("edtalk_threads", "Threads of the server process, native codec threads included.",
                              registry=r)
         self.threads.set_function(process_threads)
+        self.sinks = SinkMetrics(r)
         self.session_totals = SessionTotals(live_counts)
         r.register(self.session_totals)
         if scheduler is not None:

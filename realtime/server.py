@@ -46,10 +46,11 @@ from edtalk_live.realtime.audio_in import shorten_audio_buffer
 from edtalk_live.realtime.budget import RenderBudget
 from edtalk_live.realtime.limits import TokenBuckets, check_offer_sdp, clip, excerpt, loads_bounded
 from edtalk_live.realtime.lipbatch import LipBatcher
-from edtalk_live.realtime.metrics import BufferSizes, EventLoopLag, ServerMetrics, SessionCounts
+from edtalk_live.realtime.metrics import SINK_KINDS, BufferSizes, EventLoopLag, ServerMetrics, SessionCounts
 from edtalk_live.realtime.protocol import MAX_CONTROL_BYTES, POSE_MODES, SessionOptions, parse_control
 from edtalk_live.realtime.scheduler import FrameScheduler
 from edtalk_live.realtime.session import PRODUCER_TICK_S, Session
+from edtalk_live.realtime.tracks import WebRTCSink
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ class AvatarServer:
         self.prometheus.peer_connections.set_function(
             lambda: sum(pc.connectionState != "closed" for pc in list(self._pcs)))
         self.prometheus.asyncio_tasks.set_function(_loop_tasks)
+        for kind in SINK_KINDS:
+            self.prometheus.sinks.active.labels(kind).set_function(functools.partial(self._sinks_of, kind))
         self.gate = OfferGate(settings.token_secret, settings.offer_rate, settings.offer_burst,
                               on_reject=lambda reason: self.prometheus.sessions_rejected.labels(reason).inc())
         self.loop_lag = self._health_metrics()
@@ -424,8 +427,11 @@ class AvatarServer:
                 if "audio" not in kinds or "video" not in kinds:
                     raise InputError("the offer must have one audio (microphone) and one video (avatar) media "
                                      "section")
-                pc.addTrack(session.voice)
-                pc.addTrack(session.video)
+                sink = WebRTCSink(f"{sid[:8]}", on_count=self.prometheus.sinks.count,
+                                  on_av_offset=session.note_av_offset)
+                session.add_sink(sink)
+                pc.addTrack(sink.voice)
+                pc.addTrack(sink.video)
                 answer = await pc.createAnswer()
                 await pc.setLocalDescription(answer)
             except InputError:
@@ -569,11 +575,14 @@ class AvatarServer:
         self.prometheus.registry.register(BufferSizes(lambda: [p.session.buffer_sizes() for p in self.peers.values()]))
         return EventLoopLag(self.prometheus.registry)
 
+    def _sinks_of(self, kind: str) -> int:
+        return sum(sink.kind == kind for p in self.peers.values() for sink in p.session.sinks)
+
     def _live_counts(self) -> list[SessionCounts]:
         return [p.session.counts() for p in self.peers.values()] + [s.counts() for s in self._closing.values()]
 
     def _mean_fps(self) -> float:
-        fps = [s.video.stats.sent / s.clock.now() for s in (p.session for p in self.peers.values())
+        fps = [s.out.sent / s.clock.now() for s in (p.session for p in self.peers.values())
                if s.clock.now() > 1.0]
         return float(np.mean(fps)) if fps else 0.0
 

@@ -7,7 +7,8 @@ Timeline (all on the session clock, 16 kHz samples): incoming audio is placed by
 (:mod:`edtalk_live.realtime.audio_in`); the producer feeds it to :class:`edtalk_live.avatar.lipsync.StreamingLipSync`
 every tick; when no audio arrives, silence is fed a little behind real time so the mouth rests;
 every final mouth frame gets a head pose and an expression and is rendered by the scheduler with
-a deadline at its due time; the video track shows frame ``i`` at ``i/25 + delay``.
+a deadline at its due time; the pacer hands frame ``i`` and its 40 ms of voice to every output sink
+(:mod:`edtalk_live.realtime.sinks`) at ``i/25 + delay``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from edtalk_live.engines.base import Renderer
 from edtalk_live.realtime.audio_in import RATE, AudioInput
 from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.metrics import LATENCY_BUCKETS_S, SessionCounts, latency_bucket
+from edtalk_live.realtime.pacer import Pacer, SessionClock, TrackStats
 from edtalk_live.realtime.probe import paint_index
 from edtalk_live.realtime.protocol import (
     Bye,
@@ -52,7 +54,7 @@ from edtalk_live.realtime.protocol import (
     render_failed_event,
 )
 from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler, RenderFailed, SchedulerClosed, failure_reason
-from edtalk_live.realtime.tracks import AvatarVideoTrack, DelayedVoiceTrack, SessionClock
+from edtalk_live.realtime.sinks import Sink
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +105,8 @@ class Session:
 
     ``delay`` (seconds) is the fixed output delay of video and voice: the lip-sync look-ahead plus
     ``render_budget``. Call :meth:`start`, feed :meth:`consume` the peer's audio track (or call
-    :meth:`push_audio` directly), attach :attr:`video` and :attr:`voice` to the peer, and
-    :meth:`close` at the end.
+    :meth:`push_audio` directly), send the output where it goes with :meth:`add_sink` (a
+    :class:`~edtalk_live.realtime.tracks.WebRTCSink` for a peer), and :meth:`close` at the end.
     """
 
     def __init__(self, sid: str, renderer: Renderer, scheduler: FrameScheduler, assets: PreparedAvatar,
@@ -162,8 +164,9 @@ class Session:
         idle = assets.idle_frame if paste is None else paste(assets.idle_frame[None])[0]
         self.idle_frame = idle
         self._probe_last = idle            # the last rendered image (probe mode's stand-in for a late frame)
-        self.video = AvatarVideoTrack(self.clock, self._frame_for, idle, on_index=self._sent)
-        self.voice = DelayedVoiceTrack(self.clock, self._voice_for)
+        # the output: every frame with its voice at its due time, to each sink (a WebRTC peer, WHEP viewers, RTMP)
+        self.pacer = Pacer(self.clock, self._frame_for, self._voice_for, idle, on_sent=self._sent,
+                           name=f"session {sid[:8]}")
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -176,6 +179,7 @@ class Session:
         if self.lip_batcher is not None:
             self.lip_batcher.join(self.lips)
         self._spawn(self._produce(), "producer")
+        self._spawn(self.pacer.run(), "pacer")
 
     def _spawn(self, coro, name: str) -> asyncio.Task | None:
         if self.closed:                    # never start work for a closed session
@@ -198,15 +202,52 @@ class Session:
         self.closed = True
         if self.lip_batcher is not None:
             self.lip_batcher.leave(self.lips)
-        for t in (self.video, self.voice):
-            t.stop()
+        sinks, self.pacer.sinks = self.pacer.sinks, []
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *(self._stop_sink(s) for s in sinks), return_exceptions=True)
         self.frames.clear()
         self.scheduler.forget(self.id)
         self.audio.release()
+
+    # ------------------------------------------------------------ output
+    def add_sink(self, sink: Sink) -> None:
+        """Send this session's output to ``sink`` too (from the next frame on); started here."""
+        if self.closed:
+            raise InputError("the session has ended")
+        sink.start()
+        self.sinks.append(sink)
+
+    async def remove_sink(self, sink: Sink) -> None:
+        """Stop sending to ``sink`` and stop it (the session goes on)."""
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+        await self._stop_sink(sink)
+
+    async def _stop_sink(self, sink: Sink) -> None:
+        try:
+            await sink.stop()
+        except Exception:  # noqa: BLE001 - one sink failing to stop must not keep the others
+            logger.warning("session %s: sink %s/%s failed to stop", self.id[:8], sink.kind, sink.name, exc_info=True)
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return self.pacer.sinks
+
+    @property
+    def out(self) -> TrackStats:
+        """The output's counts: frames handed to the sinks, repeated (not ready in time), skipped."""
+        return self.pacer.stats
+
+    @property
+    def next_sample(self) -> int:
+        """First voice sample of the next chunk the pacer hands over: what is before it has left."""
+        return self.pacer.next_sample
+
+    def note_av_offset(self, ms: float) -> None:
+        """A WebRTC sink sent a video frame ``ms`` later than its voice, relative to their media times."""
+        self.stats.av_offset_ms.append(ms)
 
     def consume(self, track) -> asyncio.Task | None:
         """Read the peer's audio track until it ends (frames placed by their timestamps)."""
@@ -427,7 +468,7 @@ class Session:
             # every frame carries its own index, also the stand-in for one not ready in time (the previous
             # image, counted as repeated), so a client measures the pipeline's timing frame by frame
             if image is None:
-                self.video.stats.repeated += 1
+                self.pacer.stats.repeated += 1
                 image = self._probe_last
             else:
                 self._probe_last = image
@@ -469,14 +510,11 @@ class Session:
                 logger.info("session %s: render budget lowered to %.0f ms", self.id[:8], self.render_budget * 1000)
 
     def _sent(self, index: int) -> None:
-        """Video frame ``index`` leaves now: record audio-in -> frame-out latency and the A/V offset."""
+        """Frame ``index`` leaves now (to the sinks): record its audio-in -> frame-out latency."""
         now = self.clock.now()
         arrived = self._arrival_time(SAMPLES_PER_FRAME * (index + 1))
         if arrived is not None and self.audio.frames:
             self.stats.note_latency((now - arrived) * 1000)
-        voice_media = self.voice.next_sample / RATE
-        voice_sent = self.clock.audio_due(self.voice.next_sample)
-        self.stats.av_offset_ms.append(((now - index / FPS) - (voice_sent - voice_media)) * 1000)
 
     def _voice_for(self, start: int, n: int) -> np.ndarray:
         if self.paused:
@@ -528,13 +566,13 @@ class Session:
         """Drop queued audio and frames at once (an agent cutting its own speech)."""
         self._generation += 1
         self.frames.clear()
-        self.audio.clear_from(self.voice.next_sample)
+        self.audio.clear_from(self.next_sample)
         self._interrupt = True
 
     def snapshot(self) -> dict[str, Any]:
         lat = self.stats.latency_ms
         off = self.stats.av_offset_ms
-        v = self.video.stats
+        v = self.out
         return {
             "session": self.id,
             "avatar": self.assets.name,
@@ -565,6 +603,7 @@ class Session:
             "paused": self.paused,
             "pose": self.pose.mode,
             "buffers": self.buffer_sizes(),
+            "sinks": [sink.snapshot() for sink in self.sinks],
         }
 
     def buffer_sizes(self) -> dict[str, int]:
@@ -573,14 +612,15 @@ class Session:
         arrivals kept for the latency, its tasks (renders in flight), its track's timing log. Each must stay
         bounded whatever the session's length (``stats`` reply, ``edtalk_session_buffer_max``, the soak)."""
         lips = self.lips.buffer_sizes
-        return {"frames": len(self.frames), "audio_unplayed": max(self.audio.cursor - self.voice.next_sample, 0),
+        return {"frames": len(self.frames), "audio_unplayed": max(self.audio.cursor - self.next_sample, 0),
                 "lip_samples": lips["samples"], "lip_mel_frames": lips["mel_frames"], "lip_frames": lips["lip_frames"],
                 "scheduler_queue": self.scheduler.queued(self.id), "arrivals": len(self._arrivals),
-                "tasks": len(self._tasks), "video_late_log": len(self.video.stats.late_ms)}
+                "tasks": len(self._tasks), "video_late_log": len(self.out.late_ms),
+                "sink_queue": max((s.queued() for s in self.sinks), default=0)}
 
     def counts(self) -> SessionCounts:
         """The counters of this session for the server's Prometheus totals (each only grows)."""
-        v = self.video.stats
+        v = self.out
         return SessionCounts(frames_sent=v.sent, frames_repeated=v.repeated, frames_skipped=v.skipped,
                              frames_late=self.stats.frames_late, latency_buckets=tuple(self.stats.latency_hist),
                              latency_sum=self.stats.latency_sum_ms / 1000)

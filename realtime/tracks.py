@@ -1,15 +1,8 @@
-"""Outgoing media tracks: the avatar video at exactly 25 fps and the delayed voice, on one session clock.
+"""The WebRTC sink: the avatar video at 25 fps and the delayed voice, as the session's pacer hands them over.
 
-Both tracks are thin (STYLE: "thin media tracks"): ``recv()`` waits for the frame's due time,
-takes what the session has ready, stamps it and returns it. Generation happens elsewhere.
-
-The clock: session time ``t`` runs from the session's start (``loop.time() - t0``). Incoming audio
-sample ``n`` (16 kHz) is placed at session time ``n / 16000`` by its RTP timestamps (see
-``realtime.session``). Video frame ``i`` shows the mouth of audio ``[640 i, 640 (i+1))`` and is
-due at ``i * 40 ms + delay``; outgoing voice sample ``n`` is due at ``n / 16000 + delay``. With
-one ``delay`` for both, lips and voice leave the server together and cannot drift apart, however
-long the session: every timestamp derives from the audio sample clock, never from a frame count
-that could slip. ``delay`` covers the mel look-ahead and smoothing (~170 ms) plus a render budget.
+The tracks are thin (STYLE: "thin media tracks"): ``recv()`` takes the chunk the pacer
+(:mod:`edtalk_live.realtime.pacer`) handed over at its due time, stamps it and returns it.
+Generation and pacing happen elsewhere.
 """
 
 from __future__ import annotations
@@ -17,172 +10,137 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE
+from edtalk_live.edtalk.timing import FPS
+from edtalk_live.realtime.pacer import AUDIO_PTIME, AUDIO_RATE, AUDIO_SAMPLES, TICKS_PER_FRAME, VIDEO_TIME_BASE
+from edtalk_live.realtime.sinks import DropOldest, MediaChunk, Sink, split_voice
 
 logger = logging.getLogger(__name__)
 
-VIDEO_CLOCK = 90_000
-VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
-TICKS_PER_FRAME = VIDEO_CLOCK // FPS          # 3600
-AUDIO_RATE = SAMPLE_RATE
-AUDIO_PTIME = 0.020                           # 20 ms audio frames, as Opus sends them
-AUDIO_SAMPLES = int(AUDIO_RATE * AUDIO_PTIME)  # 320
 
+class WebRTCSink(Sink):
+    """A WebRTC peer as an output sink: its video and voice tracks (add both to the peer connection) send the
+    chunks the session's pacer hands over, as they come.
 
-@dataclass
-class TrackStats:
-    """Counters of one outgoing track (read by the session's stats and /metrics)."""
+    The pacer hands chunk ``i`` over at frame ``i``'s due time: the video track returns frame ``i`` with pts
+    ``i * 3600`` (90 kHz) at once; the voice track returns the chunk's 40 ms of voice as two 20 ms frames (as Opus
+    sends them), the second 20 ms after the first, pts in samples. aiortc's sender encodes in the codec threads
+    after ``recv()`` returns: a sender that falls behind finds its queue full and the oldest chunk dropped
+    (video: more than :attr:`VIDEO_QUEUE` frames behind; voice: more than :attr:`VOICE_QUEUE`, 400 ms, so a
+    short stall of the loop sends the voice late rather than losing it), so its lag stays bounded.
 
-    sent: int = 0
-    repeated: int = 0     # video: frame not ready at its due time, the last one was sent again
-    skipped: int = 0      # video: frames jumped over because the track fell behind the clock
-    late_ms: list[float] = field(default_factory=list)   # how late each recv() returned (bounded)
-
-    def note_late(self, seconds: float) -> None:
-        self.late_ms.append(seconds * 1000)
-        if len(self.late_ms) > 512:
-            del self.late_ms[:256]
-
-
-class SessionClock:
-    """Session time: ``now() = loop.time() - t0``; ``delay`` is the fixed output delay (seconds)."""
-
-    def __init__(self, delay: float, time_fn: Callable[[], float] | None = None):
-        self.delay = delay
-        self._time = time_fn or asyncio.get_running_loop().time
-        self.t0 = self._time()
-
-    def now(self) -> float:
-        return self._time() - self.t0
-
-    def restart(self) -> None:
-        """Start session time now (before any frame was sent: when the peer connects)."""
-        self.t0 = self._time()
-
-    def shift(self, seconds: float) -> None:
-        """Move session time back by ``seconds`` (once, before the first speech: see ``Session.push_audio``).
-
-        What is due later is sent later by as much: a one-time pause of both tracks.
-        """
-        self.t0 += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` of session time (overridable for simulated clocks in tests)."""
-        await asyncio.sleep(seconds)
-
-    def video_due(self, index: int) -> float:
-        """Session time at which video frame ``index`` is shown."""
-        return index / FPS + self.delay
-
-    def audio_due(self, sample: int) -> float:
-        return sample / AUDIO_RATE + self.delay
-
-
-class AvatarVideoTrack(MediaStreamTrack):
-    """25 fps video: frame ``i`` at session time ``i/25 + delay`` with pts ``i * 3600`` (90 kHz).
-
-    ``frame_source(i)`` returns the uint8 RGB frame ``[H,W,3]`` rendered for index ``i``, or
-    ``None`` when it is not ready: the previous frame is then repeated (counted). When the track
-    falls more than one frame behind the clock (a slow consumer), it skips ahead to the current
-    frame instead of letting a backlog grow, so the lag stays bounded. Exceptions inside
-    ``recv()`` would stop the track for good (aiortc): they are caught and the last good frame is
-    sent.
+    ``on_av_offset(ms)``: for each video frame sent, how much later than its voice it left, relative to their
+    media times (0 when in sync).
     """
+
+    kind = "webrtc"
+    VIDEO_QUEUE = 2
+    VOICE_QUEUE = 10
+
+    def __init__(self, name: str | None = None, on_count: Callable[[str, str, int], None] | None = None,
+                 on_av_offset: Callable[[float], None] | None = None, time_fn: Callable[[], float] | None = None):
+        super().__init__(name, on_count)
+        self._time = time_fn or asyncio.get_running_loop().time
+        self.video_queue = DropOldest(self.VIDEO_QUEUE, on_drop=lambda: self.counters.add("drops"))
+        self.voice_queue = DropOldest(self.VOICE_QUEUE)
+        self.video = SinkVideoTrack(self)
+        self.voice = SinkVoiceTrack(self)
+        self._on_av_offset = on_av_offset
+        self._voice_offset: float | None = None     # (time sent - media time) of the last voice frame
+
+    def put(self, chunk: MediaChunk) -> None:
+        self.video_queue.put(chunk)
+        self.voice_queue.put(chunk)
+
+    def queued(self) -> int:
+        return max(len(self.video_queue), len(self.voice_queue))
+
+    async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.video_queue.close()
+        self.voice_queue.close()
+        for track in (self.video, self.voice):
+            track.stop()
+
+    def _video_sent(self, index: int) -> None:
+        self.counters.add("frames")
+        if self._voice_offset is not None and self._on_av_offset is not None:
+            self._on_av_offset(((self._time() - index / FPS) - self._voice_offset) * 1000)
+
+    def _voice_sent(self, sample: int) -> None:
+        self._voice_offset = self._time() - sample / AUDIO_RATE
+
+
+class SinkVideoTrack(MediaStreamTrack):
+    """The video track of a :class:`WebRTCSink`: each chunk's image, as it comes. ``recv()`` never raises but
+    at the end (an image that fails to convert sends the last good one again)."""
 
     kind = "video"
 
-    def __init__(self, clock: SessionClock, frame_source: Callable[[int], np.ndarray | None],
-                 idle_frame: np.ndarray, on_index: Callable[[int], None] | None = None):
+    def __init__(self, sink: WebRTCSink):
         super().__init__()
-        self.clock = clock
-        self._source = frame_source
-        self._last = idle_frame
-        self._next = 0
-        self._on_index = on_index
-        self.stats = TrackStats()
+        self._sink = sink
+        self._last: av.VideoFrame | None = None
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        index = self._next
-        wait = self.clock.video_due(index) - self.clock.now()
-        if wait > 0:
-            await self.clock.sleep(wait)
-        else:
-            behind = math.floor(-wait * FPS)
-            if behind >= 1:                                  # more than a frame late: jump to the present
-                index += behind
-                self.stats.skipped += behind
-        self.stats.note_late(max(0.0, self.clock.now() - self.clock.video_due(index)))
-        self._next = index + 1
+        chunk = await self._sink.video_queue.get()
+        if chunk is None or self.readyState != "live":
+            raise MediaStreamError
         try:
-            image = self._source(index)
-            if image is None:
-                self.stats.repeated += 1
-                image = self._last
-            else:
-                self._last = image
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = av.VideoFrame.from_ndarray(chunk.image, format="rgb24")
+            self._last = frame
         except Exception:  # noqa: BLE001 - never let recv() raise: it would end the track
-            logger.exception("video frame %d failed; resending the last good frame", index)
-            frame = av.VideoFrame.from_ndarray(self._last, format="rgb24")
-        if self._on_index is not None:
-            self._on_index(index)
-        frame.pts = index * TICKS_PER_FRAME
+            logger.exception("video frame %d failed; resending the last good frame", chunk.index)
+            if self._last is None:
+                raise MediaStreamError from None
+            frame = self._last
+        frame.pts = chunk.index * TICKS_PER_FRAME
         frame.time_base = VIDEO_TIME_BASE
-        self.stats.sent += 1
+        self._sink._video_sent(chunk.index)
         return frame
 
 
-class DelayedVoiceTrack(MediaStreamTrack):
-    """The caller's own voice, 16 kHz mono, delayed by the session's ``delay`` to line up with the lips.
-
-    ``sample_source(start, count)`` returns ``count`` int16 samples of the incoming audio from
-    sample ``start`` (silence where nothing arrived). Frames of 20 ms, pts in samples.
-    """
+class SinkVoiceTrack(MediaStreamTrack):
+    """The voice track of a :class:`WebRTCSink`: each chunk's 40 ms as two 20 ms frames, 16 kHz mono."""
 
     kind = "audio"
 
-    def __init__(self, clock: SessionClock, sample_source: Callable[[int, int], np.ndarray]):
+    def __init__(self, sink: WebRTCSink):
         super().__init__()
-        self.clock = clock
-        self._source = sample_source
-        self._next = 0
-        self.stats = TrackStats()
-
-    @property
-    def next_sample(self) -> int:
-        """First sample of the next frame ``recv()`` will return (unless it has to skip)."""
-        return self._next
+        self._sink = sink
+        self._pending: tuple[np.ndarray, int, float] | None = None    # the second half: samples, first sample, due
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        start = self._next
-        wait = self.clock.audio_due(start) - self.clock.now()
-        if wait > 0:
-            await self.clock.sleep(wait)
-        elif -wait > 0.2:                                    # far behind: realign, never queue up
-            skip = int(-wait * AUDIO_RATE) // AUDIO_SAMPLES * AUDIO_SAMPLES
-            start += skip
-            self.stats.skipped += skip // AUDIO_SAMPLES
-        self._next = start + AUDIO_SAMPLES
-        try:
-            samples = np.asarray(self._source(start, AUDIO_SAMPLES), dtype=np.int16).reshape(1, -1)
-        except Exception:  # noqa: BLE001 - a failed read must not end the track
-            logger.exception("voice samples at %d failed; sending silence", start)
-            samples = np.zeros((1, AUDIO_SAMPLES), np.int16)
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        if self._pending is not None:
+            samples, start, due = self._pending
+            self._pending = None
+            wait = due - self._sink._time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        else:
+            chunk = await self._sink.voice_queue.get()
+            if chunk is None or self.readyState != "live":
+                raise MediaStreamError
+            first, second = split_voice(chunk, 2)
+            samples, start = first, chunk.first_sample
+            self._pending = (second, start + AUDIO_SAMPLES, chunk.due + AUDIO_PTIME)
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.int16).reshape(1, -1),
+                                           format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
         frame.pts = start
         frame.time_base = fractions.Fraction(1, AUDIO_RATE)
-        self.stats.sent += 1
+        self._sink._voice_sent(start)
         return frame
