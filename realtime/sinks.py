@@ -113,8 +113,7 @@ class DropOldest:
             self._items.append(item)
             self._cond.notify()
             waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            loop.call_soon_threadsafe(_resolve, fut)
+        _wake(waiters)
         if dropped and self._on_drop is not None:
             self._on_drop()
         return not dropped
@@ -128,8 +127,7 @@ class DropOldest:
             self.closed = True
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            loop.call_soon_threadsafe(_resolve, fut)
+        _wake(waiters)
 
     def get_nowait(self) -> Any | None:
         with self._cond:
@@ -159,6 +157,17 @@ class DropOldest:
                 with self._cond:
                     with contextlib.suppress(ValueError):
                         self._waiters.remove((loop, fut))
+
+
+def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
+    """Wake the loops' takers: directly on their own loop's thread (the pacer's case: no self-pipe write, which
+    ``call_soon_threadsafe`` costs), through the loop's thread-safe call from any other."""
+    running = asyncio._get_running_loop()
+    for loop, fut in waiters:
+        if loop is running:
+            _resolve(fut)
+        else:
+            loop.call_soon_threadsafe(_resolve, fut)
 
 
 def _resolve(fut: asyncio.Future) -> None:
