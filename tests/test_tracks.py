@@ -303,3 +303,43 @@ def test_thread_sink_reconnects_with_backoff_and_resumes_at_the_live_edge():
     assert sink.written[-1] == 19, "the sink caught up with the newest chunk"
     assert sink.stats.frames == len(sink.written) - 1
     assert not sink._thread.is_alive()
+
+
+def test_a_stuck_sink_holds_up_neither_the_pacer_nor_the_other_sinks():
+    """A sink whose receiver hangs (its write blocks) loses its own frames (counted); the pacer keeps its times."""
+    from edtalk_live.realtime.metrics import ServerMetrics
+
+    release = threading.Event()
+    metrics = ServerMetrics(1, lambda: [])
+
+    class Stuck(ThreadSink):
+        kind = "rtmp"
+
+        def write(self, chunk):
+            release.wait(10.0)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        clock = SessionClock(0.0, time_fn=loop.time)
+        pacer = Pacer(clock, _img, _voice, _img(0))
+        stuck, good = Stuck(capacity=5, on_count=metrics.sinks.count), ListSink()
+        stuck.start()
+        pacer.sinks += [stuck, good]
+        times = []
+        task = asyncio.create_task(pacer.run())
+        while len(good.chunks) < 50:
+            n = len(good.chunks)
+            await asyncio.sleep(0.005)
+            if len(good.chunks) > n:
+                times.append(loop.time() - good.chunks[-1].due)
+        task.cancel()
+        release.set()
+        await stuck.stop()
+        return times, stuck.stats
+
+    late, stats = run(main())
+    assert np.percentile(late, 90) < 0.03, "chunks reach the other sink on time"
+    assert stats.drops >= 40, "the stuck sink dropped its oldest chunks"
+    body = metrics.exposition()[0].decode()
+    assert f'edtalk_sink_drops_total{{kind="rtmp"}} {float(stats.drops)}' in body
+    assert 'edtalk_sink_frames_total{kind="webrtc"} 0.0' in body
