@@ -70,6 +70,22 @@ class Receiver:
         self._reader.join(5)
 
 
+@pytest.fixture
+def receivers():
+    """``receivers(port)`` starts a :class:`Receiver`; any still running at the end of the test is killed."""
+    made: list[Receiver] = []
+
+    def start(port: int) -> Receiver:
+        made.append(Receiver(port))
+        return made[-1]
+
+    yield start
+    for rx in made:
+        if rx.proc.poll() is None:
+            rx.proc.kill()
+            rx.proc.wait(5)
+
+
 def marked(index: int, size: tuple[int, int] = (65, 49)) -> np.ndarray:
     """Frame ``index``: white once a second (index % 25 == 0), black otherwise; ``size`` is (width, height)."""
     return np.full((size[1], size[0], 3), 255 if index % FPS == 0 else 0, np.uint8)
@@ -122,7 +138,7 @@ def check_connection(rx: Receiver, label: str) -> dict:
 
 
 @pytest.mark.slow
-def test_stream_keeps_25_fps_in_sync_and_reconnects_after_the_receiver_restarts():
+def test_stream_keeps_25_fps_in_sync_and_reconnects_after_the_receiver_restarts(receivers):
     """A pacer on the real clock feeds the sink for ~3 s, the receiver stops (the sink's next send fails, then a
     connection is refused), comes back, and the stream goes on from a new connection for ~3 s more."""
     port = free_port()
@@ -132,7 +148,7 @@ def test_stream_keeps_25_fps_in_sync_and_reconnects_after_the_receiver_restarts(
         counted[kind, what] = counted.get((kind, what), 0) + n
 
     async def main():
-        rx1 = Receiver(port)
+        rx1 = receivers(port)
         await until(lambda: rx1.of("listening"), 10)
         await asyncio.sleep(0.3)                    # from printing "listening" to listening
         clock = SessionClock(0.0)
@@ -145,7 +161,7 @@ def test_stream_keeps_25_fps_in_sync_and_reconnects_after_the_receiver_restarts(
             await until(lambda: len(rx1.of("v")) >= 3 * FPS, 15)
             rx1.stop()
             await until(lambda: sink.stats.errors >= 2, 10)     # the send failed, then a connection was refused
-            rx2 = Receiver(port)
+            rx2 = receivers(port)
             await until(lambda: rx2.of("p"), 10)
             reconnect_s = rx2.of("p")[0]["wall"] - rx2.of("listening")[0]["wall"]
             await until(lambda: len(rx2.of("v")) >= 3 * FPS, 15)
@@ -167,13 +183,13 @@ def test_stream_keeps_25_fps_in_sync_and_reconnects_after_the_receiver_restarts(
 
 
 @pytest.mark.slow
-def test_frames_missing_from_the_session_leave_gaps_not_shifted_timestamps():
+def test_frames_missing_from_the_session_leave_gaps_not_shifted_timestamps(receivers):
     """Chunks 0-49, then 76-125 (a second skipped): the video timestamps jump by the gap, and the voice after
     it stays with the video (each new connection starts at 0: the first chunk here is 0)."""
     port = free_port()
 
     async def main():
-        rx = Receiver(port)
+        rx = receivers(port)
         await until(lambda: rx.of("listening"), 10)
         await asyncio.sleep(0.3)
         sink = RtmpSink(rx.url, (65, 49), name="gaps", capacity=200)
@@ -290,7 +306,7 @@ def test_session_option_rtmp_takes_a_configured_name_only():
 
 
 @pytest.mark.slow
-def test_session_pushed_to_a_configured_target(edtalk_weights, face_image, speech):
+def test_session_pushed_to_a_configured_target(receivers, edtalk_weights, face_image, speech):
     """A real session with ``"rtmp": "test"``: the receiver gets its frames and voice at 25 fps; /config lists
     the target's name, never its URL; an unknown name is a 400 naming the configured ones; the sink ends with
     the session and is counted in /metrics."""
@@ -300,7 +316,7 @@ def test_session_pushed_to_a_configured_target(edtalk_weights, face_image, speec
     seconds = 3.0
 
     async def main():
-        rx = Receiver(port)
+        rx = receivers(port)
         await until(lambda: rx.of("listening"), 10)
         target = f"rtmp://127.0.0.1:{port}/live/s"
         async with Running(edtalk_weights, face_image, rtmp_targets={"test": target}) as srv:
@@ -331,4 +347,5 @@ def test_session_pushed_to_a_configured_target(edtalk_weights, face_image, speec
     sent = metrics[("edtalk_sink_frames_total", (("kind", "rtmp"),))][1]
     assert abs(sent - len(frames)) <= 2, (sent, len(frames))
     assert metrics[("edtalk_sinks", (("kind", "rtmp"),))][1] == 0
-    print(f"rtmp session: {len(frames)} frames, {audio_s:.2f} s of voice, {sent:g} counted; client got {result.video_frames}")
+    print(f"rtmp session: {len(frames)} frames, {audio_s:.2f} s of voice, {sent:g} counted; the peer got "
+          f"{result.video_frames}")
