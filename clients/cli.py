@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                        help="web origin allowed to call the server from its pages, e.g. https://app.example.com "
                        "(repeatable; default: none, only the server's own page)")
+    serve.add_argument("--rtmp-target", action="append", metavar="NAME=URL",
+                       help="an RTMP receiver sessions may push to, chosen by NAME (session option rtmp), e.g. "
+                       "live=rtmp://a.rtmp.youtube.com/live2/KEY (repeatable; more in $EDTALK_LIVE_RTMP_TARGETS, "
+                       "space-separated, which keeps stream keys out of ps)")
     serve.set_defaults(run=_run_serve)
 
     token = commands.add_parser(
@@ -288,9 +292,11 @@ def _run_weights(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from edtalk_live.realtime.access import check_bind, secret_from_args
+    from edtalk_live.realtime.rtmp import targets_from_args
     from edtalk_live.realtime.workers import resolve_workers, supervise
 
     check_bind(args.host, secret_from_args(args), args.insecure)
+    targets_from_args(args)         # a bad RTMP target fails now, before the model loads or a worker starts
     if args.offer_rate < 0 or args.offer_burst < 1:
         raise EDTalkError(f"--offer-rate must be >= 0 and --offer-burst >= 1, got {args.offer_rate:g} and "
                           f"{args.offer_burst}")

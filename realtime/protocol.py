@@ -21,6 +21,7 @@ deep; error messages quote at most an excerpt of the input (:func:`~edtalk_live.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,7 @@ class Choices:
     emotions: tuple[str, ...] = ()
     has_clip: bool = False           # a pose clip was given to the server (pose mode ``clip``)
     has_expression: bool = True      # the model has expression control (not the lip_pose family)
+    rtmp_targets: tuple[str, ...] = ()   # names of the RTMP targets configured on the server (never their URLs)
 
 
 # ------------------------------------------------------------------------------------------ shared checks
@@ -92,6 +94,19 @@ def check_avatar(name: Any, choices: Choices) -> str:
     return avatar
 
 
+def check_rtmp_target(name: Any, choices: Choices) -> str | None:
+    """The name of an RTMP target configured on the server, or ``None`` (no RTMP output) for ``None`` / ``""``.
+
+    A client chooses a target by name only: a URL is never taken from a client (it is an unknown name).
+    """
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str) or name not in choices.rtmp_targets:
+        available = ", ".join(choices.rtmp_targets) or "none (serve --rtmp-target NAME=URL configures them)"
+        raise InputError(f"unknown RTMP target {excerpt(name)}; available: {available}")
+    return name
+
+
 # ------------------------------------------------------------------------------------------ session options
 
 
@@ -106,9 +121,10 @@ class SessionOptions:
     low_latency: bool = False
     probe: bool = False          # paint each frame's index into its top rows (latency measurements)
     paste_back: bool = False     # stream the avatar's whole photo with the face blended back in
+    rtmp: str | None = None      # push the session to this RTMP target of the server too (a name, never a URL)
 
     FIELDS: ClassVar[tuple[str, ...]] = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe",
-                                         "paste_back")
+                                         "paste_back", "rtmp")
 
     @classmethod
     def parse(cls, data: dict[str, Any], choices: Choices) -> SessionOptions:
@@ -123,13 +139,16 @@ class SessionOptions:
                    intensity=check_intensity(data.get("intensity", 1.0)),
                    pose=check_pose_mode(data.get("pose", "idle"), choices),
                    low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)),
-                   paste_back=bool(data.get("paste_back", False)))
+                   paste_back=bool(data.get("paste_back", False)),
+                   rtmp=check_rtmp_target(data.get("rtmp"), choices))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool
-                  ) -> SessionOptions:
-        """:meth:`parse` with the server's avatar and emotion names and whether it has a pose clip."""
-        return cls.parse(data, Choices(avatars=tuple(avatars), emotions=tuple(emotions), has_clip=has_clip))
+    def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool,
+                  rtmp_targets: Sequence[str] = ()) -> SessionOptions:
+        """:meth:`parse` with the server's avatar and emotion names, whether it has a pose clip and the names of
+        its RTMP targets."""
+        return cls.parse(data, Choices(avatars=tuple(avatars), emotions=tuple(emotions), has_clip=has_clip,
+                                       rtmp_targets=tuple(rtmp_targets)))
 
 
 # ------------------------------------------------------------------------------------------ events

@@ -16,6 +16,7 @@ from edtalk_live.avatar.store import AvatarStore
 from edtalk_live.edtalk.errors import InputError
 from edtalk_live.media.weights import find_weights, load_preset
 from edtalk_live.realtime.access import TURN_SECRET_ENV, secret_from_args
+from edtalk_live.realtime.rtmp import targets_from_args
 from edtalk_live.realtime.server import AvatarServer, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def settings_from_args(args, host: str | None = None, port: int | None = None,
                           offer_burst=args.offer_burst,
                           cors_origins=() if behind_supervisor else tuple(args.cors_origin or ()),
                           turn_servers=tuple(turn), turn_secret=turn_secret if turn else None,
-                          turn_ttl=getattr(args, "turn_ttl", 3600.0))
+                          turn_ttl=getattr(args, "turn_ttl", 3600.0),
+                          rtmp_targets=targets_from_args(args))
 
 
 def server_from_args(args, host: str | None = None, port: int | None = None,

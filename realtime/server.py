@@ -1,7 +1,7 @@
 """The WebRTC avatar server: aiohttp signaling + aiortc media, one frame scheduler for all sessions.
 
 Routes: ``GET /`` (the browser page), ``POST /offer`` (SDP offer + session options -> answer),
-``GET /config`` (avatars, emotions, pose modes, ICE servers for clients), ``GET /health``,
+``GET /config`` (avatars, emotions, pose modes, ICE servers, RTMP target names for clients), ``GET /health``,
 ``GET /metrics`` (Prometheus text, :mod:`edtalk_live.realtime.metrics`). State lives on the :class:`AvatarServer`
 object, never in module globals; a failing session closes only its own peer connection.
 
@@ -48,6 +48,7 @@ from edtalk_live.realtime.limits import TokenBuckets, check_offer_sdp, clip, exc
 from edtalk_live.realtime.lipbatch import LipBatcher
 from edtalk_live.realtime.metrics import SINK_KINDS, BufferSizes, EventLoopLag, ServerMetrics, SessionCounts
 from edtalk_live.realtime.protocol import MAX_CONTROL_BYTES, POSE_MODES, SessionOptions, parse_control
+from edtalk_live.realtime.rtmp import RtmpSink, check_target
 from edtalk_live.realtime.scheduler import FrameScheduler
 from edtalk_live.realtime.session import PRODUCER_TICK_S, Session
 from edtalk_live.realtime.tracks import WebRTCSink
@@ -107,6 +108,9 @@ class ServerSettings:
     #: control messages a second per session, and how many may come at once; the rest are dropped
     control_rate: float = 20.0
     control_burst: int = 50
+    #: RTMP targets a session may push to, by name (``{"live": "rtmp://host/app/key"}``): a session chooses one by
+    #: name (session option ``rtmp``); the URLs (stream keys) are never shown
+    rtmp_targets: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -135,6 +139,8 @@ class ServerSettings:
             lo, hi = self.udp_ports
             if not (1024 <= lo <= hi <= 65535):
                 raise InputError(f"UDP port range must be within 1024-65535, got {lo}-{hi}")
+        for name, url in self.rtmp_targets.items():
+            check_target(name, url)
 
 
 def restrict_udp_ports(loop: asyncio.AbstractEventLoop, lo: int, hi: int) -> None:
@@ -305,6 +311,7 @@ class AvatarServer:
             "ice_servers": self.ice_servers(self.gate.authenticated(request)),
             "size": self.renderer.config.size,
             "family": self.renderer.config.family,
+            "rtmp_targets": list(self.settings.rtmp_targets),      # the names only: a URL holds a stream key
         })
 
     async def health(self, _request: web.Request) -> web.Response:
@@ -344,7 +351,7 @@ class AvatarServer:
                                       "sessions in use, try again later"}, status=503, headers={"Retry-After": "5"})
         try:
             options = SessionOptions.from_json(params, list(self.avatars), sorted(self.presets),
-                                               self.clip_poses is not None)
+                                               self.clip_poses is not None, list(self.settings.rtmp_targets))
         except EDTalkError as e:
             return self._error(400, str(e))
         try:
@@ -439,6 +446,8 @@ class AvatarServer:
             except Exception as e:  # noqa: BLE001 - mutated offers raise many exception types, at each step
                 logger.info("session %s: negotiation failed: %s: %s", sid[:8], type(e).__name__, clip(str(e)))
                 raise InputError(f"bad SDP offer: {type(e).__name__}: {clip(str(e))}") from None
+            if options.rtmp:
+                self.push_rtmp(session, options.rtmp)
             peer.watchdog = asyncio.create_task(self._watch(sid), name=f"session-{sid[:8]}-watchdog")
             ok = True
             logger.info("session %s: started (avatar %s, emotion %s, pose %s)", sid[:8], options.avatar,
@@ -450,6 +459,19 @@ class AvatarServer:
         finally:
             if not ok:
                 await self.close_peer(sid, "setup failed")
+
+    def push_rtmp(self, session: Session, target: str) -> RtmpSink:
+        """Push ``session``'s output to the configured RTMP target named ``target`` too, until the session ends
+        (its sink connects now, in a thread of its own, and reconnects with backoff when the receiver refuses or
+        drops it; see :mod:`edtalk_live.realtime.rtmp`)."""
+        url = self.settings.rtmp_targets.get(target)
+        if url is None:
+            raise InputError(f"unknown RTMP target {target!r}; available: "
+                             f"{', '.join(self.settings.rtmp_targets) or 'none'}")
+        height, width = session.idle_frame.shape[:2]
+        sink = RtmpSink(url, (width, height), name=f"{session.id[:8]}-{target}", on_count=self.prometheus.sinks.count)
+        session.add_sink(sink)
+        return sink
 
     def _background(self, coro, name: str) -> None:
         """Run ``coro`` as a task the server holds until it ends (the loop keeps only weak references)."""

@@ -30,7 +30,7 @@ with atheris.instrument_imports():
     from edtalk_live.realtime.limits import check_offer_sdp, loads_bounded
     from edtalk_live.realtime.protocol import Choices, SessionOptions, parse_control
 
-CHOICES = Choices(avatars=("default", "anna"), emotions=("happy", "sad"), has_clip=False)
+CHOICES = Choices(avatars=("default", "anna"), emotions=("happy", "sad"), has_clip=False, rtmp_targets=("live",))
 _IMAGE = os.path.join(tempfile.mkdtemp(prefix="edtalk-fuzz-"), "image")
 
 

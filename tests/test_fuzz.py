@@ -31,7 +31,7 @@ def _seeds(folder: Path) -> None:
                 {"type": "pose", "mode": "still"}, {"type": "pause"}, {"type": "resume"}, {"type": "interrupt"},
                 {"type": "stats"}, {"type": "bye"}]
     options = {"avatar": "anna", "emotion": "sad", "intensity": 1.0, "pose": "idle", "low_latency": True,
-               "probe": False, "paste_back": False}
+               "probe": False, "paste_back": False, "rtmp": "live"}
     png, jpeg = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 40)).save(png, "PNG")
     exif = Image.Exif()
