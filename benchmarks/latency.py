@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from edtalk_live.benchmarks.outputs import RTMP_PATH
 from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 __all__ = ["LevelResult", "SessionMeasure", "VoiceBlock", "analyse_session", "main", "speech_like", "summarise",
@@ -80,6 +81,11 @@ MIN_VOICE_CORRELATION = 0.5
 TARGET_ADDED_MS = 200.0
 #: seconds a client stays connected after its audio, beyond the server's delay (frames later than this are missed)
 TAIL_S = 1.5
+#: the outputs ``--outputs`` can measure: the WebRTC peer that sends the audio, an RTMP receiver of the session
+#: (a target the benchmark configures on the server it starts), a WHEP viewer of the session
+OUTPUTS = ("webrtc", "rtmp", "whep")
+#: the name of the benchmark's RTMP target on the server
+RTMP_TARGET = "bench"
 
 
 # ================================================================================================ test audio
@@ -572,6 +578,67 @@ async def run_level(url: str, n: int, audio: np.ndarray, options: dict[str, Any]
     return LevelResult(n, measures, wall_s=wall, load=_load())
 
 
+async def run_outputs(url: str, audio: np.ndarray, options: dict[str, Any], outputs: Sequence[str],
+                      rtmp_port: int | None, connect_timeout: float = 60.0) -> list[dict[str, Any]]:
+    """One session sending ``audio``, received at once by every output in ``outputs`` (:data:`OUTPUTS`); one row
+    per output, each measured like the WebRTC peer (:func:`analyse_session`) on the same wall clock."""
+    from types import SimpleNamespace
+
+    from edtalk_live.benchmarks.outputs import RtmpRecorder
+    from edtalk_live.realtime.client import run_client
+
+    recorders: dict[str, Any] = {}
+    options = dict(options)
+    try:
+        if "rtmp" in outputs:
+            assert rtmp_port is not None
+            recorders["rtmp"] = RtmpRecorder(rtmp_port)
+            await recorders["rtmp"].start()
+            options["rtmp"] = RTMP_TARGET
+        result = await run_client(url, audio, None, options=options, keep_frames=True, connect_timeout=connect_timeout,
+                                  record_window=False, tail=TAIL_S)
+    finally:
+        recordings = {name: await rec.stop() for name, rec in recorders.items()}
+    rows = []
+    if "webrtc" in outputs:
+        rows.append(output_row("webrtc", analyse_session(result, audio)))
+    for name, rec in recordings.items():
+        view = SimpleNamespace(**{k: getattr(rec, k) for k in ("frames", "video_arrival", "received_audio",
+                                                                "audio_rate", "audio_arrival", "audio_pts")},
+                               stats=result.stats, send_start=result.send_start, session=result.session)
+        m = analyse_session(view, audio, read_index=int)
+        if rec.error and not m.error and not m.video_latency_ms:
+            m.error = rec.error
+        rows.append(output_row(name, m))
+    return rows
+
+
+def output_row(output: str, m: SessionMeasure) -> dict[str, Any]:
+    """One output's figures (milliseconds) from its :class:`SessionMeasure`."""
+    return {"output": output, "error": m.error,
+            "video_latency_ms_p50": _pct(m.video_latency_ms, 50), "video_latency_ms_p95": _pct(m.video_latency_ms, 95),
+            "voice_latency_ms_p50": _pct(m.voice_latency_ms, 50), "av_offset_ms_p50": _pct(m.av_offset_ms, 50),
+            "av_offset_ms_max_abs": max((abs(x) for x in m.av_offset_ms), default=None), "fps": m.fps or None,
+            "frames_used": m.frames_used, "frames_expected": m.frames_expected, "frames_lost": m.frames_lost,
+            "voice_correlation": m.voice_correlation if m.voice_blocks else None}
+
+
+def format_outputs_table(rows: Sequence[dict[str, Any]]) -> str:
+    from edtalk_live.realtime.limits import clip
+
+    head = ["output", "video latency p50 (ms)", "video latency p95 (ms)", "voice latency p50 (ms)",
+            "A/V offset p50 (ms)", "max \\|A/V\\| (ms)", "fps received", "frames measured", "frames lost"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["output"], _f(r["video_latency_ms_p50"]), _f(r["video_latency_ms_p95"]),
+                 _f(r["voice_latency_ms_p50"]), _f(r["av_offset_ms_p50"]), _f(r["av_offset_ms_max_abs"]),
+                 _f(r["fps"], 1), f"{r['frames_used']} / {r['frames_expected']}", str(r["frames_lost"])]
+        if r["error"]:
+            cells[1] = f"failed: {clip(r['error'], 80)}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _loopback(url: str) -> bool:
     from urllib.parse import urlparse
 
@@ -619,7 +686,8 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
     port = _free_port()
     # every client of a level connects at once from this host: no per-address offer rate
     settings = ServerSettings(port=port, max_sessions=max(args.sessions), render_budget=args.render_budget,
-                              max_batch=args.max_batch, offer_rate=None)
+                              max_batch=args.max_batch, offer_rate=None,
+                              rtmp_targets={RTMP_TARGET: args.rtmp_url} if args.rtmp_url else {})
     server = build_server(weights, avatar, backend=args.backend, device=args.device, settings=settings,
                           **_no_alignment())
     cfg = server.renderer.config
@@ -698,9 +766,10 @@ async def spawn_server(cmd: Sequence[str], port: int, log_dir: Path, cpus: set[i
 
 @contextlib.asynccontextmanager
 async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, model_note: str, log_dir: Path):
+    extra = ["--rtmp-target", f"{RTMP_TARGET}={args.rtmp_url}"] if args.rtmp_url else []
     async with server_process(weights, avatar, log_dir, backend=args.backend, max_sessions=max(args.sessions),
                               max_batch=args.max_batch, render_budget=args.render_budget,
-                              device=args.device) as (url, proc, health, config):
+                              device=args.device, extra=extra) as (url, proc, health, config):
         yield ServerInfo(url, f"child process (pid {proc.pid})", health.get("backend", "?"),
                          f"{config.get('family')}, {config.get('size')}² ({model_note})", _budget_ms(args),
                          pid=proc.pid)
@@ -866,8 +935,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-latency", action="store_true", help="ask for the low-latency lip sync (40 ms look-ahead)")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to connect a client (60)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the test audio (0)")
+    p.add_argument("--outputs", type=output_list, default=None, metavar="LIST",
+                   help=f"also measure one session through each of these outputs at once ({', '.join(OUTPUTS)}; rtmp "
+                        "needs a server the benchmark starts: it configures an RTMP target and receives it), "
+                        "in a table of its own")
     p.add_argument("--json", metavar="OUT", help="also write every measurement here")
     return p
+
+
+def output_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in OUTPUTS]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"outputs are a comma-separated list of {', '.join(OUTPUTS)}; got {text!r}")
+    return list(dict.fromkeys(items))
 
 
 def _budget_ms(args: argparse.Namespace) -> float | None:
@@ -887,6 +968,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--seconds must be above 0.5, got {args.seconds:g}")
     if args.render_budget is not None and not 0 < args.render_budget < 2:
         p.error(f"--render-budget must be between 0 and 2 seconds, got {args.render_budget:g}")
+    args.rtmp_port = args.rtmp_url = None
+    if args.outputs and "rtmp" in args.outputs:
+        if args.server:
+            p.error("--outputs rtmp needs a server the benchmark starts (it configures the RTMP target): not --server")
+        args.rtmp_port = _free_port()
+        args.rtmp_url = f"rtmp://127.0.0.1:{args.rtmp_port}/{RTMP_PATH}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -909,21 +996,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = _load()
     date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     with tempfile.TemporaryDirectory(prefix="edtalk-latency-") as tmp:
-        rows, levels, info = asyncio.run(_bench(args, audio, Path(tmp)))
+        rows, levels, info, output_rows = asyncio.run(_bench(args, audio, Path(tmp)))
     out = report(rows, info, args, argv, audio_note, load_start, date)
+    if output_rows:
+        out += ("\n\nOutputs: one session, received by every output at once, each measured like the WebRTC peer "
+                "(video latency from the end of a frame's audio; A/V offset = a frame's arrival - its voice's "
+                "arrival, as each receiver hands them over)\n\n" + format_outputs_table(output_rows))
     print(out)
     if args.json:
         data = {"command": _command_line(argv), "date": date, "server": info.to_dict(), "audio": audio_note,
-                "seconds": args.seconds, "rows": rows,
+                "seconds": args.seconds, "rows": rows, "outputs": output_rows,
                 "levels": [{"sessions": lv.sessions, "wall_s": lv.wall_s, "measures": [asdict(m) for m in lv.measures]}
                            for lv in levels]}
         Path(args.json).write_text(json.dumps(data, indent=1))
         logger.info("wrote %s", args.json)
-    return 0 if all(r["sessions_ok"] for r in rows) else 1
+    return 0 if all(r["sessions_ok"] for r in rows) and not any(r["error"] for r in output_rows) else 1
 
 
 async def _bench(args: argparse.Namespace, audio: np.ndarray, tmp: Path
-                 ) -> tuple[list[dict[str, Any]], list[LevelResult], ServerInfo]:
+                 ) -> tuple[list[dict[str, Any]], list[LevelResult], ServerInfo, list[dict[str, Any]]]:
     if args.server:
         server = _remote_server(args)
     else:
@@ -946,7 +1037,13 @@ async def _bench(args: argparse.Namespace, audio: np.ndarray, tmp: Path
                         _f(row["av_offset_ms_p50"]), _f(row["fps_mean"], 1), row["kept_up"])
             levels.append(level)
             rows.append(row)
-    return rows, levels, info
+        output_rows = []
+        if args.outputs:
+            await _wait_idle(info.url)
+            logger.info("outputs %s: one session", ", ".join(args.outputs))
+            output_rows = await run_outputs(info.url, audio, options, args.outputs, args.rtmp_port,
+                                            args.connect_timeout)
+    return rows, levels, info, output_rows
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def _row(out: str, n: int) -> list[str]:
 def test_smoke_one_session_on_loopback(capsys, tmp_path, edtalk_weights, face_image):
     out_json = tmp_path / "latency.json"
     code = latency.main(["--weights", str(edtalk_weights), "--avatar", str(face_image), "--sessions", "1",
-                         "--seconds", "3", "--json", str(out_json)])
+                         "--seconds", "3", "--outputs", "webrtc,rtmp", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"^Machine: .*torch ", out, re.M)
@@ -128,3 +128,15 @@ def test_smoke_one_session_on_loopback(capsys, tmp_path, edtalk_weights, face_im
     # here: -55 to -90 ms); the server itself sends lips and voice together
     assert abs(np.median(offsets)) <= 80 and np.percentile(np.abs(offsets), 90) <= 100, offsets
     assert abs(m["server"]["av_offset_ms"]) <= 40, m["server"]
+
+    # every output of one session, measured the same way (an RTMP receiver started by the benchmark)
+    assert "| output | video latency p50 (ms) |" in out
+    outputs = {r["output"]: r for r in data["outputs"]}
+    assert set(outputs) == {"webrtc", "rtmp"}
+    for name, r in outputs.items():
+        assert not r["error"], (name, r["error"])
+        assert r["frames_used"] >= 0.9 * 3 * 25, (name, r)
+        assert r["video_latency_ms_p50"] >= row["delay_ms"] - 40 - 10, (name, r)
+        assert 23 <= r["fps"] <= 27, (name, r)
+    # the RTMP stream carries lips and voice in one FLV stream, muxed together: in sync at the receiver
+    assert abs(outputs["rtmp"]["av_offset_ms_p50"]) <= 40, outputs["rtmp"]
