@@ -1,0 +1,439 @@
+"""WHIP ingest and WHEP egress (:mod:`edtalk_live.realtime.whip`): the HTTP status codes and headers the RFC and
+the draft ask for, 25 fps to an aiortc WHEP viewer, speech published by FFmpeg's ``whip`` muxer moving the lips
+that WHEP viewers of the stream see, and a headless Chromium playing a WHEP stream with trickle ICE."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import Running, until
+
+from edtalk_live.realtime.whip import ice_server_links, parse_sdpfrag
+
+ORIGIN = "http://page.example"
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+def test_sdpfrag_candidates_take_their_section_mid_and_credentials_are_read():
+    frag = parse_sdpfrag("a=ice-ufrag:EsAw\r\na=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\r\na=group:BUNDLE 0 1\r\n"
+                         "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"
+                         "a=candidate:1387637174 1 udp 2122260223 192.0.2.1 61764 typ host generation 0\r\n"
+                         "a=candidate:2 1 tcp 1518280447 192.0.2.1 9 typ host tcptype active\r\n"
+                         "a=end-of-candidates\r\n")
+    assert frag.credentials == ("EsAw", "P2uYro0UCOQ4zxjKXaWCBui1") and frag.end
+    assert [(c.ip, c.port, c.protocol, c.sdpMid) for c in frag.candidates] == [
+        ("192.0.2.1", 61764, "udp", "0"), ("192.0.2.1", 9, "tcp", "0")]
+    bare = parse_sdpfrag("a=candidate:1 1 udp 1 192.0.2.9 5000 typ host\n")
+    assert bare.candidates[0].sdpMLineIndex == 0 and not bare.end and bare.credentials == (None, None)
+
+
+@pytest.mark.parametrize("text,error", [("v=0\r\n", "only a= and m= lines"), ("a=candidate:1 1 udp\r\n", "bad ICE"),
+                                        ("a=candidate:" + "x" * 2000, "characters long"),
+                                        ("a=candidate:1 1 udp 1 1.2.3.4 5 typ host\n" * 65, "more than 64")])
+def test_sdpfrag_bad_fragments_raise_one_line_errors(text, error):
+    with pytest.raises(ValueError, match=error):
+        parse_sdpfrag(text)
+
+
+def test_ice_server_links_carry_turn_credentials_quoted():
+    links = ice_server_links([{"urls": "stun:stun.example.net"},
+                              {"urls": ["turn:t.example.net?transport=udp"], "username": "1:u",
+                               "credential": 'p"w'}])
+    assert links == ['<stun:stun.example.net>; rel="ice-server"',
+                     '<turn:t.example.net?transport=udp>; rel="ice-server"; username="1:u"; credential="p\\"w"; '
+                     'credential-type="password"']
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+class StunResponder(asyncio.DatagramProtocol):
+    """A STUN server answering binding requests on loopback (the ICE server the WHIP/WHEP answers link to; the
+    server's own peer connections ask it, so it has to answer quickly)."""
+
+    def __init__(self):
+        self.transport = None
+        self.requests = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        from aioice import stun
+
+        try:
+            request = stun.parse_message(data)
+        except ValueError:
+            return
+        self.requests += 1
+        response = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                                transaction_id=request.transaction_id)
+        response.attributes["XOR-MAPPED-ADDRESS"] = addr
+        response.add_fingerprint()
+        self.transport.sendto(bytes(response), addr)
+
+
+class WhepViewer:
+    """An aiortc WHEP player: POSTs a recvonly offer, keeps the video frames (time, pts, RGB) it receives."""
+
+    def __init__(self, url: str, token: str | None = None):
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.frames: list[tuple[float, int, np.ndarray]] = []
+        self.audio_samples = 0
+        self.location = ""
+        self.response: dict = {}
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, timeout: float = 20.0) -> None:
+        from aiortc import RTCSessionDescription
+        from aiortc.mediastreams import MediaStreamError
+
+        pc = self.pc
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+
+        async def read(track):
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:
+                    return
+                if track.kind == "video":
+                    self.frames.append((time.monotonic(), frame.pts, frame.to_ndarray(format="rgb24")))
+                else:
+                    self.audio_samples += frame.samples
+
+        pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(read(track))))
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http, http.post(
+                self.url, data=pc.localDescription.sdp, headers={**self.headers, "Content-Type": "application/sdp",
+                                                                 "Origin": ORIGIN}) as r:
+            body = await r.text()
+            self.response = {"status": r.status, "headers": r.headers, "body": body}
+        assert r.status == 201, (r.status, body)
+        self.location = str(aiohttp.client.URL(self.url).join(aiohttp.client.URL(r.headers["Location"])))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        deadline = time.monotonic() + timeout
+        while pc.connectionState != "connected":
+            assert time.monotonic() < deadline, f"the WHEP viewer did not connect ({pc.connectionState})"
+            await asyncio.sleep(0.05)
+
+    def fps(self, skip: float = 0.5) -> float:
+        """Frames a second received, after the first ``skip`` seconds."""
+        t = [f[0] for f in self.frames]
+        t = [x for x in t if x >= t[0] + skip]
+        return (len(t) - 1) / (t[-1] - t[0])
+
+    async def close(self, delete: bool = True) -> int | None:
+        status = None
+        if delete and self.location:
+            async with aiohttp.ClientSession() as http, http.delete(self.location, headers=self.headers) as r:
+                status = r.status
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return status
+
+
+async def request(method: str, url: str, body: str | bytes | None = None, **headers: str):
+    async with aiohttp.ClientSession() as http, http.request(method, url, data=body, headers=headers) as r:
+        return r.status, r.headers, await r.text()
+
+
+async def leftovers(srv: Running) -> dict[str, float]:
+    """What a server holds: sessions, peer connections not closed, WHEP sinks, WHIP/WHEP resources."""
+    m = await srv.metrics()
+    return {"sessions": m[("edtalk_sessions", ())][1], "pcs": m[("edtalk_peer_connections", ())][1],
+            "whep_sinks": m[("edtalk_sinks", (("kind", "whep"),))][1], "resources": len(srv.server.whip.resources)}
+
+
+def allowed(headers) -> set[str]:
+    return {m.strip() for m in headers["Allow"].split(",")}
+
+
+NOTHING = {"sessions": 0, "pcs": 0, "whep_sinks": 0, "resources": 0}
+
+
+# ------------------------------------------------------------------------------------------ WHEP
+
+
+@pytest.mark.slow
+def test_whep_viewer_of_an_avatar_status_codes_and_25_fps(edtalk_weights, face_image):
+    """An aiortc WHEP player watches an avatar: 201 with Location, ETag and Link; trickle PATCH 204 and its
+    428/412/422/415; 404, 405, 503 with Retry-After; CORS; ~25 fps; DELETE 200 leaves nothing behind."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stun, stun_server = await loop.create_datagram_endpoint(StunResponder, local_addr=("127.0.0.1", 0))
+        stun_url = f"stun:127.0.0.1:{stun.get_extra_info('sockname')[1]}"
+        out = {"stun_url": stun_url}
+        try:
+            async with Running(edtalk_weights, face_image, max_sessions=1, ice_servers=({"urls": stun_url},),
+                               cors_origins=(ORIGIN,)) as srv:
+                endpoint = f"{srv.url}/whep/face64"
+                out["options"] = await request("OPTIONS", endpoint)
+                out["head"] = await request("HEAD", endpoint)
+                out["head_unknown"] = await request("HEAD", f"{srv.url}/whep/nobody")
+                out["wrong_type"] = await request("POST", endpoint, "v=0\r\n", **{"Content-Type": "text/plain"})
+                out["unknown"] = await request("POST", f"{srv.url}/whep/nobody", "v=0\r\n",
+                                               **{"Content-Type": "application/sdp"})
+                out["bad_sdp"] = await request("POST", endpoint, "v=0\r\nbogus\r\n",
+                                               **{"Content-Type": "application/sdp"})
+                out["bad_option"] = await request("POST", f"{endpoint}?emotion=ecstatic", "v=0\r\n",
+                                                  **{"Content-Type": "application/sdp"})
+                out["put"] = await request("PUT", endpoint)
+                out["preflight"] = await request("OPTIONS", endpoint, Origin=ORIGIN,
+                                                 **{"Access-Control-Request-Method": "PATCH",
+                                                    "Access-Control-Request-Headers": "if-match, content-type"})
+                viewer = WhepViewer(endpoint + "?pose=still")
+                t0 = time.monotonic()
+                await viewer.start()
+                out["setup_s"] = time.monotonic() - t0
+                out["stun_requests"] = stun_server.requests
+                out["created"] = viewer.response
+                loc, etag = viewer.location, viewer.response["headers"]["ETag"]
+                frag = "a=mid:0\r\na=candidate:1 1 udp 2122260223 192.0.2.77 50000 typ host\r\na=end-of-candidates\r\n"
+                sdpfrag = {"Content-Type": "application/trickle-ice-sdpfrag"}
+                out["patch"] = await request("PATCH", loc, frag, **sdpfrag, **{"If-Match": etag})
+                out["patch_no_match"] = await request("PATCH", loc, frag, **sdpfrag)
+                out["patch_stale"] = await request("PATCH", loc, frag, **sdpfrag, **{"If-Match": '"stale"'})
+                out["patch_restart"] = await request("PATCH", loc, frag, **sdpfrag, **{"If-Match": "*"})
+                out["patch_new_ufrag"] = await request("PATCH", loc, "a=ice-ufrag:new\r\na=ice-pwd:newnewnew\r\n"
+                                                       + frag, **sdpfrag, **{"If-Match": etag})
+                out["patch_type"] = await request("PATCH", loc, frag, **{"Content-Type": "application/sdp",
+                                                                         "If-Match": etag})
+                out["patch_unknown"] = await request("PATCH", loc[:-4] + "beef", frag, **sdpfrag,
+                                                     **{"If-Match": etag})
+                out["put_resource"] = await request("PUT", loc)
+                out["get_whip"] = await request("GET", f"{srv.url}/whip/stream")
+                second = WhepViewer(endpoint)           # one session is the limit: a second avatar session is 503
+                try:
+                    await second.start()
+                except AssertionError:
+                    pass
+                out["full"] = second.response
+                await second.close(delete=False)
+                await asyncio.sleep(3.0)
+                out["fps"] = viewer.fps()
+                out["audio_s"] = viewer.audio_samples / 48000
+                out["live"] = await leftovers(srv)
+                out["delete"] = await viewer.close()
+                out["after"] = await leftovers(srv)
+                out["delete_again"] = await request("DELETE", loc)
+        finally:
+            stun.close()
+        return out
+
+    out = asyncio.run(main())
+    print(f"WHEP viewer: setup {out['setup_s']:.2f} s, {out['fps']:.2f} fps, {out['audio_s']:.1f} s of voice")
+    status, headers, _ = out["options"]
+    assert status == 200 and headers["Accept-Post"] == "application/sdp" and "POST" in allowed(headers)
+    status, headers, _ = out["head"]
+    assert status == 200 and headers["Content-Type"] == "application/sdp"
+    assert out["head_unknown"][0] == 404
+    assert out["wrong_type"][0] == 415 and out["wrong_type"][1]["Accept-Post"] == "application/sdp"
+    assert out["unknown"][0] == 404 and out["bad_sdp"][0] == 400
+    assert out["bad_option"][0] == 400 and "ecstatic" in out["bad_option"][2]
+    assert out["put"][0] == 405 and "POST" in allowed(out["put"][1])
+    status, headers, _ = out["preflight"]
+    assert status == 204 and "PATCH" in headers["Access-Control-Allow-Methods"]
+    assert "If-Match" in headers["Access-Control-Allow-Headers"] and headers["Access-Control-Allow-Origin"] == ORIGIN
+
+    created = out["created"]["headers"]
+    assert created["Content-Type"] == "application/sdp" and "a=sendonly" in out["created"]["body"]
+    assert created["Location"].startswith("/whep/face64/") and created["ETag"].startswith('"')
+    assert created.getall("Link") == [f'<{out["stun_url"]}>; rel="ice-server"']
+    assert created["Access-Control-Allow-Origin"] == ORIGIN
+    assert {"Location", "ETag", "Link"} <= {h.strip() for h in created["Access-Control-Expose-Headers"].split(",")}
+    assert out["stun_requests"] > 0, "the server's peer connection did not use the configured STUN server"
+    assert out["patch"][0] == 204 and "ETag" not in out["patch"][1] and out["patch"][2] == ""
+    assert out["patch_no_match"][0] == 428
+    assert out["patch_stale"][0] == 412
+    assert out["patch_restart"][0] == 422 and out["patch_new_ufrag"][0] == 422
+    assert out["patch_type"][0] == 415 and out["patch_type"][1]["Accept-Patch"] == "application/trickle-ice-sdpfrag"
+    assert out["patch_unknown"][0] == 404
+    assert out["put_resource"][0] == 405 and {"PATCH", "DELETE"} <= allowed(out["put_resource"][1])
+    assert out["get_whip"][0] == 405
+    assert out["full"]["status"] == 503 and int(out["full"]["headers"]["Retry-After"]) > 0
+    assert 23.5 <= out["fps"] <= 26.5, out["fps"]
+    assert out["audio_s"] > 2.0
+    assert out["live"] == {"sessions": 1, "pcs": 1, "whep_sinks": 1, "resources": 1}, out["live"]
+    assert out["delete"] == 200 and out["after"] == NOTHING, out["after"]
+    assert out["delete_again"][0] == 404
+
+
+# ------------------------------------------------------------------------------------------ WHIP (FFmpeg)
+
+SECRET = "a-test-secret-of-at-least-32-bytes-long"
+
+#: run in its own process: PyAV holds the GIL while FFmpeg's whip muxer waits for the HTTP answer, which would
+#: stall a server in the same process
+PUBLISHER = r"""
+import sys, time, wave
+import av, numpy as np
+
+url, wav, cert, key, token, lead, seconds = sys.argv[1:8]
+with wave.open(wav) as w:
+    pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")[: int(float(seconds) * 16000)]
+pcm = np.concatenate([np.zeros(int(float(lead) * 16000), np.int16), pcm, np.zeros(8000, np.int16)])
+mono = av.AudioFrame.from_ndarray(pcm.reshape(1, -1).copy(), format="s16", layout="mono")
+mono.sample_rate = 16000
+resampler = av.AudioResampler(format="s16", layout="stereo", rate=48000)
+stereo = np.concatenate([f.to_ndarray() for f in resampler.resample(mono) + resampler.resample(None)], axis=1)
+options = {"cert_file": cert, "key_file": key}
+if token:
+    options["authorization"] = token
+out = av.open(url, "w", format="whip", options=options)
+video = out.add_stream("libx264", rate=25, options={"profile": "baseline", "tune": "zerolatency",
+                                                    "preset": "ultrafast", "g": "25", "bf": "0"})
+video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+audio = out.add_stream("libopus", rate=48000, layout="stereo")
+t0, n, sent, shown = time.monotonic(), 960, 0, 0
+while sent + n <= stereo.shape[1] // 2:
+    frame = av.AudioFrame.from_ndarray(stereo[:, 2 * sent: 2 * (sent + n)].copy(), format="s16", layout="stereo")
+    frame.sample_rate, frame.pts = 48000, sent
+    out.mux(audio.encode(frame))
+    while shown * 1920 <= sent:
+        image = av.VideoFrame.from_ndarray(np.full((64, 64, 3), shown % 200, np.uint8), format="rgb24")
+        image.pts = shown
+        out.mux(video.encode(image))
+        shown += 1
+    sent += n
+    time.sleep(max(0.0, t0 + sent / 48000 - time.monotonic()))
+out.close()
+print(f"published {sent / 48000:.2f} s", flush=True)
+"""
+
+
+def _ecdsa_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate and key (PEM) for FFmpeg's DTLS: the RSA one FFmpeg makes itself
+    fails the handshake with aiortc."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edtalk-live whip test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7)).sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="module")
+def loud_weights(tmp_path_factory, edtalk_weights) -> Path:
+    """The fixture weights with Audio2Lip's output scaled up 30 times: the random networks' mouth then moves the
+    picture by a few gray levels a frame instead of 0.1 (as tests/test_live_equals_render.py does)."""
+    import shutil
+
+    import torch
+
+    dest = tmp_path_factory.mktemp("loud_weights")
+    for item in edtalk_weights.iterdir():
+        (shutil.copytree if item.is_dir() else shutil.copy)(item, dest / item.name)
+    ckpt = torch.load(edtalk_weights / "Audio2Lip.pt", weights_only=True)
+    for name in ("mapping.weight", "mapping.bias"):
+        ckpt["audio2lip"][name] = ckpt["audio2lip"][name] * 30.0
+    torch.save(ckpt, dest / "Audio2Lip.pt")
+    return dest
+
+
+def _mouth_motion(frames: list[np.ndarray]) -> np.ndarray:
+    """Mean absolute change (levels) of the mouth region from each frame to the next."""
+    stack = np.stack(frames).astype(np.float32)
+    h, w = stack.shape[1:3]
+    mouth = stack[:, int(h * 0.55): int(h * 0.9), int(w * 0.25): int(w * 0.75)]
+    return np.abs(np.diff(mouth, axis=0)).mean(axis=(1, 2, 3))
+
+
+@pytest.mark.slow
+def test_ffmpeg_whip_speech_moves_the_lips_two_whep_viewers_see(tmp_path, loud_weights, face_image, testdata):
+    """FFmpeg's whip muxer (PyAV) publishes silence then speech (H.264 baseline + Opus 48 kHz stereo, bearer
+    token); two WHEP viewers of the stream share its one session; the mouth moves in speech, not in silence; the
+    publisher's DELETE at the end leaves nothing behind."""
+    from edtalk_live.realtime.access import make_token
+
+    if "whip" not in __import__("av").formats_available:
+        pytest.skip("this PyAV's FFmpeg has no whip muxer (FFmpeg 8 or later)")
+    cert, key = _ecdsa_certificate(tmp_path)
+    token = make_token(SECRET)
+    lead, seconds = 2.5, 4.0
+
+    async def main():
+        out = {}
+        async with Running(loud_weights, face_image, token_secret=SECRET) as srv:
+            url = f"{srv.url}/whip/talk?pose=still"
+            t0 = time.monotonic()
+            publisher = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", PUBLISHER, url, str(testdata / "mouth_source.wav"), str(cert), str(key),
+                token, str(lead), str(seconds), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            try:
+                await until(lambda: "talk" in srv.server.whip.streams, 20)
+                out["whip_s"] = time.monotonic() - t0
+                assert "talk" in srv.server.whip.streams, "FFmpeg's WHIP POST did not arrive"
+                out["no_token"] = await request("POST", f"{srv.url}/whep/talk", "v=0\r\n",
+                                                **{"Content-Type": "application/sdp"})
+                viewers = [WhepViewer(f"{srv.url}/whep/talk", token) for _ in range(2)]
+                for v in viewers:
+                    await v.start()
+                out["viewers_s"] = time.monotonic() - t0
+                await asyncio.sleep(1.0)
+                out["live"] = await leftovers(srv)
+                out["started"] = (await srv.metrics())[("edtalk_sessions_started_total", ())][1]
+                log, _ = await asyncio.wait_for(publisher.communicate(), lead + seconds + 20)
+                out["log"] = log.decode(errors="replace")[-3000:]
+                out["rc"] = publisher.returncode
+                await until(lambda: not srv.server.peers and not srv.server.whip.resources, 10)
+                out["after"] = await leftovers(srv)
+                out["viewers_closed"] = [v.pc.connectionState for v in viewers]
+                for v in viewers:
+                    await v.close(delete=False)
+            finally:
+                if publisher.returncode is None:
+                    publisher.kill()
+                    await publisher.wait()
+        out["frames"] = [v.frames for v in viewers]
+        return out
+
+    out = asyncio.run(main())
+    assert out["rc"] == 0, out["log"]
+    assert out["no_token"][0] == 401
+    assert out["live"] == {"sessions": 1, "pcs": 3, "whep_sinks": 2, "resources": 3}, out["live"]
+    assert out["after"] == NOTHING, out["after"]
+    assert out["viewers_closed"] == ["closed", "closed"], out["viewers_closed"]
+    first, second = out["frames"]
+    assert len(first) > 25 * seconds and len(second) > 25 * seconds, (len(first), len(second))
+    # one render for both: the frames with the same timestamp are the same picture (two VP8 encodes of it)
+    same = sorted({pts for _, pts, _ in first} & {pts for _, pts, _ in second})
+    by_pts = [{pts: image for _, pts, image in frames} for frames in (first, second)]
+    gaps = [np.abs(by_pts[0][p].astype(int) - by_pts[1][p].astype(int)).mean() for p in same]
+    gap = float(np.mean(gaps))
+    motion = _mouth_motion([image for _, _, image in first])
+    still, talking = float(np.median(motion[:10])), float(np.percentile(motion, 90))
+    print(f"WHIP: stream up {out['whip_s']:.2f} s after FFmpeg started, two viewers at {out['viewers_s']:.2f} s; "
+          f"mouth change {still:.2f} levels/frame in silence, {talking:.2f} in speech (p90); viewers differ by "
+          f"{gap:.2f} levels (at most {max(gaps):.2f}) over {len(same)} shared frames")
+    assert out["started"] == 1, "the two viewers did not share the stream's session"
+    assert len(same) > 50 and gap < 3.0
+    assert talking > max(4 * still, 1.0), (still, talking)
