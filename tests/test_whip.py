@@ -437,3 +437,148 @@ def test_ffmpeg_whip_speech_moves_the_lips_two_whep_viewers_see(tmp_path, loud_w
     assert out["started"] == 1, "the two viewers did not share the stream's session"
     assert len(same) > 50 and gap < 3.0
     assert talking > max(4 * still, 1.0), (still, talking)
+
+
+# ------------------------------------------------------------------------------------------ WHEP (Chromium)
+
+#: a WHEP player with trickle ICE: the offer goes at once, the candidates follow in PATCHes once the resource's
+#: URL and entity-tag are known (RFC 9725 section 4.3.2, as the WHEP draft)
+WHEP_PAGE = """<!doctype html><meta charset="utf-8"><title>WHEP</title><video id="v" autoplay muted playsinline></video>
+<script>
+window.whep = {state: "new", patches: [], error: null};
+async function play(endpoint) {
+  const w = window.whep, pc = new RTCPeerConnection();
+  w.pc = pc;
+  pc.addTransceiver("video", {direction: "recvonly"});
+  pc.addTransceiver("audio", {direction: "recvonly"});
+  pc.ontrack = (e) => { const v = document.getElementById("v");
+    if (!v.srcObject) v.srcObject = new MediaStream(); v.srcObject.addTrack(e.track); };
+  pc.onconnectionstatechange = () => { w.state = pc.connectionState; };
+  const queue = [];
+  const flush = async () => {
+    if (!w.resource || !queue.length) return;
+    const batch = queue.splice(0), sdp = pc.localDescription.sdp;
+    const cands = batch.filter((c) => c && c.candidate), end = batch.includes(null);
+    const line = (name) => (sdp.match(new RegExp("^a=" + name + ":(.*)$", "m")) || [])[1];
+    const frag = `a=ice-ufrag:${line("ice-ufrag")}\\r\\na=ice-pwd:${line("ice-pwd")}\\r\\n` +
+      `${sdp.match(/^m=.*$/m)[0]}\\r\\na=mid:${line("mid")}\\r\\n` +
+      cands.map((c) => `a=${c.candidate}\\r\\n`).join("") + (end ? "a=end-of-candidates\\r\\n" : "");
+    const r = await fetch(w.resource, {method: "PATCH", body: frag,
+      headers: {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": w.etag}});
+    w.patches.push({status: r.status, candidates: cands.length, end});
+  };
+  pc.onicecandidate = (e) => { queue.push(e.candidate); flush(); };
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    w.offerCandidates = (pc.localDescription.sdp.match(/^a=candidate:/gm) || []).length;
+    const r = await fetch(endpoint, {method: "POST", body: pc.localDescription.sdp,
+                                     headers: {"Content-Type": "application/sdp"}});
+    w.status = r.status;
+    if (r.status !== 201) throw new Error(`${r.status}: ${await r.text()}`);
+    w.resource = new URL(r.headers.get("Location"), endpoint).href;
+    w.etag = r.headers.get("ETag");
+    await pc.setRemoteDescription({type: "answer", sdp: await r.text()});
+    flush();
+  } catch (e) { w.error = String(e); }
+}
+async function framesDecoded() {
+  let n = 0;
+  (await whep.pc.getStats()).forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") n = s.framesDecoded;
+  });
+  return n;
+}
+async function stop() {
+  const r = await fetch(whep.resource, {method: "DELETE"});
+  whep.pc.close();
+  return r.status;
+}
+</script>"""
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_chromium_plays_a_whep_stream_with_trickle_ice(tmp_path, edtalk_weights, face_image):
+    """A page on another origin plays an avatar over WHEP in headless Chromium: the offer leaves without
+    candidates, they follow in PATCHes (204) the server adds, the video decodes at ~25 fps, DELETE ends it."""
+    import test_browser as tb  # the Chromium and DevTools helpers of the browser page's test
+    from aiohttp import web
+
+    from edtalk_live.realtime.serve import build_server
+    from edtalk_live.realtime.server import ServerSettings
+
+    if tb.CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    tb._require_working_chromium()
+    report: dict = {}
+
+    async def drive(base: str, server) -> None:
+        async def page(_request):
+            return web.Response(text=WHEP_PAGE, content_type="text/html")
+
+        page_app = web.Application()
+        page_app.router.add_get("/", page)
+        page_runner = web.AppRunner(page_app)
+        await page_runner.setup()
+        await web.TCPSite(page_runner, "127.0.0.1", page_port).start()
+        browser = tb.Chromium(tmp_path / "profile", tb._fake_mic_wav(tmp_path / "mic.wav", np.zeros(16000)))
+        cdp = None
+        try:
+            port = await browser.devtools_port()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
+                    target = next(t for t in await r.json() if t.get("type") == "page")
+                cdp = tb.Cdp(await http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0))
+                await cdp.call("Runtime.enable")
+                await cdp.call("Page.enable")
+                await cdp.call("Page.navigate", url=f"http://127.0.0.1:{page_port}/")
+                await tb.wait_for(cdp, "typeof play === 'function'", 10, "the page")
+                t0 = time.monotonic()
+                await cdp.evaluate(f"play({base + '/whep/face64'!r})")
+                await tb.wait_for(cdp, "whep.state === 'connected' || whep.error", 20, "the WHEP connection")
+                report["connect_s"] = time.monotonic() - t0
+                await tb.wait_for(cdp, "framesDecoded().then((n) => n > 25)", 20, "decoded frames")
+                report["frames_s"] = time.monotonic() - t0
+                n0, t1 = await cdp.evaluate("framesDecoded()"), time.monotonic()
+                await asyncio.sleep(3.0)
+                n1, t2 = await cdp.evaluate("framesDecoded()"), time.monotonic()
+                report["fps"] = (n1 - n0) / (t2 - t1)
+                report["page"] = await cdp.evaluate("JSON.parse(JSON.stringify({status: whep.status, error: "
+                                                    "whep.error, patches: whep.patches, offer: whep.offerCandidates, "
+                                                    "etag: whep.etag}))")
+                (res,) = server.whip.resources.values()
+                transport = res.pc.getTransceivers()[0].sender.transport.transport
+                report["server_remote_candidates"] = len(transport.getRemoteCandidates())
+                report["delete"] = await cdp.evaluate("stop()")
+                for _ in range(50):
+                    if not server.peers and not server.whip.resources:
+                        break
+                    await asyncio.sleep(0.1)
+                report["left"] = (len(server.peers), len(server.whip.resources))
+                report["exceptions"] = cdp.page_exceptions()
+        finally:
+            if cdp is not None:
+                await cdp.close()
+            browser.close()
+            await page_runner.cleanup()
+
+    page_port = __import__("conftest").free_port()
+    server = build_server(edtalk_weights, face_image, backend="torch", device="cpu", align=False, cache=False,
+                          settings=ServerSettings(cors_origins=(f"http://127.0.0.1:{page_port}",)))
+    runner = tb.ServerThread(server)
+    (tmp_path / "profile").mkdir()
+    try:
+        base = runner.start()
+        asyncio.run(asyncio.wait_for(drive(base, server), 90))
+    finally:
+        runner.stop()
+    print(f"Chromium WHEP: {report}")
+    page = report["page"]
+    assert page["error"] is None and page["status"] == 201 and page["etag"], page
+    assert page["offer"] == 0, "the offer was meant to leave before any candidate was gathered"
+    assert page["patches"] and all(p["status"] == 204 for p in page["patches"]), page["patches"]
+    assert sum(p["candidates"] for p in page["patches"]) > 0 and page["patches"][-1]["end"], page["patches"]
+    assert report["server_remote_candidates"] > 0, "the trickled candidates did not reach the server's ICE agent"
+    assert 22 <= report["fps"] <= 27, report["fps"]
+    assert report["delete"] == 200 and report["left"] == (0, 0)
+    assert report["exceptions"] == []
