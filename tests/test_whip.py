@@ -277,6 +277,96 @@ def test_whep_viewer_of_an_avatar_status_codes_and_25_fps(edtalk_weights, face_i
     assert out["delete_again"][0] == 404
 
 
+# ------------------------------------------------------------------------------------------ WHIP (aiortc)
+
+
+async def aiortc_publisher(url: str, samples: np.ndarray | None, video: bool = False):
+    """An aiortc WHIP client sending ``samples`` (16 kHz speech; None: no audio section) and, with ``video``, a
+    video section; returns ``(status, headers, body, pc)`` (the peer connection connecting when 201)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from edtalk_live.realtime.client import FileAudioTrack
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    if samples is not None:
+        pc.addTrack(FileAudioTrack(samples))
+    if video:
+        pc.addTransceiver("video", direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    status, headers, body = await request("POST", url, pc.localDescription.sdp, **{"Content-Type": "application/sdp"})
+    if status == 201:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+    return status, headers, body, pc
+
+
+def _vanish(pc) -> None:
+    """Make a peer connection go silent without a word (its UDP sockets closed under aiortc): a peer gone away."""
+    for transceiver in pc.getTransceivers()[:1]:
+        connection = transceiver.receiver.transport.transport._connection
+        for protocol in connection._protocols:
+            protocol.transport.close()
+
+
+@pytest.mark.slow
+def test_whip_stream_rules_viewers_by_session_id_and_lifetimes(edtalk_weights, face_image, speech):
+    """WHIP: a bad name 400, no audio 422, a name taken 409; viewers by the stream's session id; the viewer limit
+    503; a viewer that vanishes is removed after the inactivity timeout; a stream whose speech stopped ends
+    after it, with its viewers, leaving nothing behind."""
+
+    async def main():
+        out = {}
+        async with Running(edtalk_weights, face_image, inactivity_timeout=1.5, max_viewers=2) as srv:
+            whip = f"{srv.url}/whip/talk"
+            out["bad_name"] = (await request("POST", f"{srv.url}/whip/a%20b", "v=0\r\n",
+                                             **{"Content-Type": "application/sdp"}))[0]
+            status, _, out["no_audio_body"], pc = await aiortc_publisher(whip, None, video=True)
+            out["no_audio"] = status
+            await pc.close()
+            status, headers, _, publisher = await aiortc_publisher(whip + "?pose=still", speech[: 3 * 16000],
+                                                                   video=True)
+            out["publish"], out["publish_location"] = status, headers.get("Location", "")
+            out["taken"] = (await aiortc_publisher(whip, speech[:1600]))[0]
+            sid = srv.server.whip.streams["talk"]
+            viewers = [WhepViewer(f"{srv.url}/whep/{sid}"), WhepViewer(f"{srv.url}/whep/talk")]
+            for v in viewers:
+                await v.start()
+            extra = WhepViewer(f"{srv.url}/whep/talk")
+            try:
+                await extra.start()
+            except AssertionError:
+                pass
+            out["third"] = extra.response["status"], extra.response["headers"].get("Retry-After")
+            await extra.close(delete=False)
+            out["with_two"] = await leftovers(srv)
+            _vanish(viewers[0].pc)
+            t0 = time.monotonic()
+            await until(lambda: len(srv.server.whip.resources) < 3, 8)
+            out["vanished_s"] = time.monotonic() - t0
+            out["with_one"] = await leftovers(srv)
+            t0 = time.monotonic()
+            await until(lambda: not srv.server.peers and not srv.server.whip.resources, 10)   # speech ends at 3 s
+            out["ended_s"] = time.monotonic() - t0
+            out["after"] = await leftovers(srv)
+            out["viewer_state"] = viewers[1].pc.connectionState
+            for v in viewers:
+                await v.close(delete=False)
+            await publisher.close()
+        return out
+
+    out = asyncio.run(main())
+    print(f"WHIP rules: vanished viewer removed after {out['vanished_s']:.1f} s, stream ended "
+          f"{out['ended_s']:.1f} s later")
+    assert out["bad_name"] == 400
+    assert out["no_audio"] == 422 and "audio" in out["no_audio_body"]
+    assert out["publish"] == 201 and out["publish_location"].startswith("/whip/talk/")
+    assert out["taken"] == 409
+    assert out["third"][0] == 503 and out["third"][1]
+    assert out["with_two"] == {"sessions": 1, "pcs": 3, "whep_sinks": 2, "resources": 3}, out["with_two"]
+    assert out["with_one"] == {"sessions": 1, "pcs": 2, "whep_sinks": 1, "resources": 2}, out["with_one"]
+    assert out["vanished_s"] < 5.0
+    assert out["after"] == NOTHING and out["viewer_state"] == "closed", (out["after"], out["viewer_state"])
+
+
 # ------------------------------------------------------------------------------------------ WHIP (FFmpeg)
 
 SECRET = "a-test-secret-of-at-least-32-bytes-long"
