@@ -672,3 +672,151 @@ def test_chromium_plays_a_whep_stream_with_trickle_ice(tmp_path, edtalk_weights,
     assert 22 <= report["fps"] <= 27, report["fps"]
     assert report["delete"] == 200 and report["left"] == (0, 0)
     assert report["exceptions"] == []
+
+
+# ------------------------------------------------------------------------------------------ --workers
+
+
+async def _fake_worker(index: int, sessions: set[str]):
+    """A stand-in for a worker's WHIP/WHEP routes: it holds the sessions named, makes streams, records requests."""
+    from aiohttp import web
+    from multidict import CIMultiDict
+
+    seen: list[tuple[str, str, str | None, bytes]] = []
+    streams: set[str] = set()
+
+    async def endpoint(request):
+        kind, name = request.path.split("/")[1], request.match_info["name"]
+        seen.append((request.method, request.path, request.headers.get("If-Match"), await request.read()))
+        if kind == "whip" and name in streams:
+            return web.json_response({"error": "taken"}, status=409)
+        if kind == "whep" and name not in sessions | streams | {"face"}:
+            return web.json_response({"error": "not here"}, status=404)
+        streams.add(name) if kind == "whip" else None
+        return web.Response(status=201, body=b"v=0\r\n", headers=CIMultiDict([
+            ("Content-Type", "application/sdp"), ("Location", f"/{kind}/{name}/{index}-{len(seen):04x}"),
+            ("ETag", '"e"'), ("Link", '<stun:a.example>; rel="ice-server"'),
+            ("Link", '<stun:b.example>; rel="ice-server"')]))
+
+    async def resource(request):
+        seen.append((request.method, request.path, request.headers.get("If-Match"), await request.read()))
+        return web.Response(status=204 if request.method == "PATCH" else 200)
+
+    app = web.Application()
+    for kind in ("whip", "whep"):
+        app.router.add_post(f"/{kind}/{{name}}", endpoint)
+        app.router.add_route("*", f"/{kind}/{{name}}/{{id}}", resource)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1], seen
+
+
+def test_supervisor_routes_whip_and_whep_to_the_worker_that_holds_them():
+    """``--workers``: a new stream goes to the least-loaded worker, a resource's PATCH and DELETE to the worker
+    its id names, a WHEP POST to the worker of its stream or session (asked in turn when unknown); Link headers
+    come through; a full server answers 503."""
+    import argparse
+
+    from aiohttp import web
+
+    from edtalk_live.realtime.workers import Supervisor
+
+    async def main():
+        fakes = [await _fake_worker(0, {"5e" * 16}), await _fake_worker(1, set())]
+        args = argparse.Namespace(host="127.0.0.1", port=0, max_sessions=10, offer_rate=None, offer_burst=5,
+                                  cors_origin=None, token_secret=None)
+        sup = Supervisor(args, 2)
+        for w, (_, port, _) in zip(sup.workers, fakes, strict=True):
+            w.port, w.state = port, "ok"
+        sup.workers[0].sessions = 5                     # worker 1 is the least loaded
+        sup._http = aiohttp.ClientSession()
+        runner = web.AppRunner(sup.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        sdp = {"Content-Type": "application/sdp"}
+        out = {}
+        try:
+            out["whip"] = await request("POST", f"{base}/whip/talk", "offer", **sdp)
+            out["whip_again"] = await request("POST", f"{base}/whip/talk", "offer", **sdp)
+            location = out["whip"][1]["Location"]
+            out["patch"] = await request("PATCH", base + location, "a=end-of-candidates\r\n",
+                                         **{"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": '"e"'})
+            out["delete_other"] = await request("DELETE", f"{base}/whip/talk/0-0001")
+            out["no_worker"] = await request("DELETE", f"{base}/whip/talk/7-0001")
+            out["no_index"] = await request("DELETE", f"{base}/whip/talk/beef")
+            out["whep_stream"] = await request("POST", f"{base}/whep/talk", "offer", **sdp)
+            out["whep_session"] = await request("POST", f"{base}/whep/{'5e' * 16}", "offer", **sdp)
+            out["whep_unknown"] = await request("POST", f"{base}/whep/nobody", "offer", **sdp)
+            out["loads"] = [w.sessions for w in sup.workers]
+            out["whep_avatar"] = await request("POST", f"{base}/whep/face", "offer", **sdp)
+            out["loads_avatar"] = [w.sessions for w in sup.workers]
+            sup.workers[0].sessions = 8
+            out["full"] = await request("POST", f"{base}/whip/other", "offer", **sdp)
+        finally:
+            await runner.cleanup()
+            await sup._http.close()
+            for fake_runner, _, _ in fakes:
+                await fake_runner.cleanup()
+        return out, [seen for _, _, seen in fakes]
+
+    out, (seen0, seen1) = asyncio.run(main())
+    status, headers, _ = out["whip"]
+    assert status == 201 and headers["Location"].startswith("/whip/talk/1-")
+    assert headers.getall("Link") == ['<stun:a.example>; rel="ice-server"', '<stun:b.example>; rel="ice-server"']
+    assert out["whip_again"][0] == 409                  # the same worker, which has the stream
+    assert out["patch"][0] == 204 and ("PATCH", out["whip"][1]["Location"], '"e"', b"a=end-of-candidates\r\n") in seen1
+    assert out["delete_other"][0] == 200 and ("DELETE", "/whip/talk/0-0001", None, b"") in seen0
+    assert out["no_worker"][0] == 404 and out["no_index"][0] == 404
+    assert out["whep_stream"][0] == 201 and out["whep_stream"][1]["Location"].startswith("/whep/talk/1-")
+    assert out["whep_session"][0] == 201 and out["whep_session"][1]["Location"].startswith("/whep/5e5e")
+    assert [m for m, p, *_ in seen1 if p == f"/whep/{'5e' * 16}"] == ["POST"]      # asked first: 404
+    assert out["whep_unknown"][0] == 404
+    assert out["loads"] == [5, 1]                       # the stream's session counted on worker 1, no other
+    assert out["whep_avatar"][0] == 201 and out["loads_avatar"] == [5, 2]         # an avatar's session
+    assert out["full"][0] == 503 and out["full"][1]["Retry-After"] == "5"
+
+
+@pytest.mark.slow
+def test_two_workers_serve_whep_viewers_patch_and_delete_on_their_workers(tmp_path, edtalk_weights, face_image):
+    """``edtalk-live serve --workers 2``: two WHEP viewers of the avatar land on the two workers; each one's
+    trickle PATCH and DELETE reach its own worker (a wrong one would answer 404); nothing is left after."""
+    import signal
+
+    import test_workers as tw
+
+    served = tw._Served(edtalk_weights, face_image, tmp_path / "serve.log")
+
+    async def scenario():
+        await served.until(lambda s, b: s == 200, 90, "both workers up")
+        viewers = []
+        for n in (1, 2):
+            viewers.append(WhepViewer(f"{served.url}/whep/{face_image.stem}"))
+            await viewers[-1].start()
+            await served.until(lambda s, b, n=n: b["sessions"] == n, 10, "the viewer's session counted")
+        body = await served.until(lambda s, b: tw._sessions(b) == [1, 1], 5, "one session on each worker")
+        workers = sorted(v.response["headers"]["Location"].split("/")[-1].split("-")[0] for v in viewers)
+        frag = "a=mid:0\r\na=candidate:1 1 udp 2122260223 192.0.2.77 50000 typ host\r\n"
+        patches = [(await request("PATCH", v.location, frag, **{"Content-Type": "application/trickle-ice-sdpfrag",
+                                                                 "If-Match": v.response["headers"]["ETag"]}))[0]
+                   for v in viewers]
+        await asyncio.sleep(1.0)
+        fps = [v.fps(skip=0.2) for v in viewers]
+        deletes = [await v.close() for v in viewers]
+        await served.until(lambda s, b: b["sessions"] == 0, 5, "both sessions gone")
+        return workers, patches, fps, deletes, body
+
+    family: set[int] = set()
+    try:
+        workers, patches, fps, deletes, body = asyncio.run(scenario())
+        family = tw._descendants(served.proc.pid)
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(30) == 0, served.tail()
+    finally:
+        served.kill_all(family)
+    print(f"two workers: viewers at {[round(f, 1) for f in fps]} fps")
+    assert workers == ["0", "1"], workers
+    assert patches == [204, 204] and deletes == [200, 200]
+    assert all(f > 20 for f in fps), fps
