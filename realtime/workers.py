@@ -18,6 +18,12 @@ so a box serves many sessions with several processes. The design:
   and reports on a pipe when it is listening. On a GPU they share it, with one CUDA context each.
   Worker 0 starts first and the others once it is up, so the on-disk caches (avatars, ONNX exports,
   TensorRT engines) are written by one process and read by the rest.
+* **WHIP and WHEP** (:mod:`edtalk_live.realtime.whip`) reach the worker that holds what they name: a
+  resource URL (PATCH, DELETE) by the worker index its id starts with (``/whep/x/1-...`` is worker 1's); a
+  stream or session by the worker remembered for it from the answer that made it (the last
+  :data:`ROUTES_KEPT`); a new stream or an avatar to the least-loaded worker; a WHEP target the supervisor
+  does not know to each worker in turn until one does not answer 404. A stream's media and its viewers'
+  are on that worker, so every viewer of a stream is on its publisher's worker.
 * **The session limit is the whole server's**: the supervisor answers 503 (the single server's JSON
   error) when the workers' live sessions plus the offers in flight reach ``--max-sessions``, or when
   no worker is up (both counted as ``edtalk_sessions_rejected_total{reason="full"}``). Live sessions
