@@ -12,9 +12,10 @@ Routes, registered on the server's app by :meth:`WhipWhep.add_routes`:
   1-64 characters of ``A-Z a-z 0-9 _ . -``; a name being published already is a ``409``.
 * ``POST /whep/{target}`` -> ``201`` likewise, the avatar's video and delayed voice sent (``sendonly``), one
   :class:`WhepSink` on the session. ``target`` is, in this order: a live session id (any session, a browser
-  caller's included), a WHIP stream name (its viewers share its one render), or an avatar name: a new session
-  of that avatar with no speech in (idle mouth, head moving per ``pose``), options from the query as WHIP's,
-  which ends with its last viewer. Anything else is a ``404``.
+  caller's included), a WHIP stream name (its viewers share its one render), or an avatar name: a session of
+  that avatar with no speech in (idle mouth, head moving per ``pose``), options from the query as WHIP's,
+  shared by the viewers asking for the same avatar with the same options, which ends with its last viewer.
+  Anything else is a ``404``.
 * ``PATCH /whip/{stream}/{id}``, ``PATCH /whep/{target}/{id}`` (``application/trickle-ice-sdpfrag``,
   ``If-Match: <ETag>``): the client's trickled ICE candidates are added -> ``204``. No ``If-Match``: ``428``; an
   entity-tag that is not the resource's: ``412``; an ICE restart (``If-Match: *``, or new ICE credentials in the
@@ -56,6 +57,7 @@ from multidict import CIMultiDict
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.realtime.limits import SDP_LIMITS, check_offer_sdp, clip, excerpt
+from edtalk_live.realtime.protocol import SessionOptions
 from edtalk_live.realtime.tracks import WebRTCSink
 
 if TYPE_CHECKING:
@@ -114,7 +116,9 @@ class WhipWhep:
         self.server = server
         self.resources: dict[str, _Resource] = {}
         self.streams: dict[str, str] = {}       # WHIP stream name -> session id
-        self.idle: set[str] = set()             # sessions made for WHEP viewers of an avatar: end with the last one
+        #: sessions made for WHEP viewers of an avatar, by id: their options (viewers asking for the same avatar
+        #: with the same options share one), and they end with their last viewer
+        self.idle: dict[str, SessionOptions] = {}
         #: the worker index behind the ``--workers`` supervisor (resource ids start with it), or None
         self.worker: int | None = None
 
@@ -221,8 +225,8 @@ class WhipWhep:
             return web.json_response({"error": f"too many WHEP viewers: {self.viewers} of "
                                       f"{server.settings.max_viewers}, try again later"}, status=503,
                                      headers={"Retry-After": str(RETRY_AFTER_S)})
-        created = peer is None
-        if created:
+        options = None
+        if peer is None:
             try:
                 query = _query_options(request)
                 if query.setdefault("avatar", target) != target:
@@ -233,14 +237,16 @@ class WhipWhep:
         sdp = await self._read_offer(request)
         if isinstance(sdp, web.Response):
             return sdp
-        if not created and peer.closed:             # it ended while the offer was read
+        if options is not None:                     # an avatar: its session with these options, or a new one
+            peer = self._idle_session(options)
+            if peer is None:
+                full = server.full()
+                if full is not None:
+                    return full
+                peer = server.new_session(options)
+                self.idle[peer.session.id] = options
+        elif peer.closed:                           # it ended while the offer was read
             return self._not_found(target)
-        if created:
-            full = server.full()
-            if full is not None:
-                return full
-            peer = server.new_session(options)
-            self.idle.add(peer.session.id)
         session, sid = peer.session, peer.session.id
         pc = server.new_pc()
         res = _Resource(self._new_id(), "whep", target, sid, pc, _new_etag())
@@ -275,8 +281,8 @@ class WhipWhep:
             if not ok:
                 await res.sink.stop()
                 await _close_pc(pc)
-                if created and not self.viewers_of(sid):
-                    self.idle.discard(sid)
+                if sid in self.idle and not self.viewers_of(sid):
+                    del self.idle[sid]
                     await server.close_peer(sid, "WHEP setup failed")
 
     async def whep_get(self, request: web.Request) -> web.Response:
@@ -422,6 +428,14 @@ class WhipWhep:
             peer = self.server.peers.get(self.streams[target])
         return peer
 
+    def _idle_session(self, options: SessionOptions) -> _Peer | None:
+        """The live session made for WHEP viewers of an avatar with these options, if any."""
+        for sid, chosen in self.idle.items():
+            peer = self.server.peers.get(sid)
+            if chosen == options and peer is not None and not peer.closed:
+                return peer
+        return None
+
     def _resource(self, request: web.Request) -> _Resource | None:
         res = self.resources.get(request.match_info["id"])
         kind = request.path.split("/")[1]
@@ -444,7 +458,7 @@ class WhipWhep:
             await _stop_drains(res)
         else:
             await self._close_viewer(res.id, "its session ended")
-        self.idle.discard(res.sid)
+        self.idle.pop(res.sid, None)
 
     async def _close_viewer(self, rid: str, reason: str) -> None:
         res = self.resources.pop(rid, None)
@@ -464,7 +478,7 @@ class WhipWhep:
         await _close_pc(res.pc)
         await _stop_drains(res)
         if peer is not None and res.sid in self.idle and not self.viewers_of(res.sid):
-            self.idle.discard(res.sid)
+            del self.idle[res.sid]
             await self.server.close_peer(res.sid, "its last WHEP viewer left")
 
     async def _watch_viewer(self, res: _Resource) -> None:

@@ -175,7 +175,8 @@ NOTHING = {"sessions": 0, "pcs": 0, "whep_sinks": 0, "resources": 0}
 @pytest.mark.slow
 def test_whep_viewer_of_an_avatar_status_codes_and_25_fps(edtalk_weights, face_image):
     """An aiortc WHEP player watches an avatar: 201 with Location, ETag and Link; trickle PATCH 204 and its
-    428/412/422/415; 404, 405, 503 with Retry-After; CORS; ~25 fps; DELETE 200 leaves nothing behind."""
+    428/412/422/415; 404, 405, 503 with Retry-After; CORS; a second viewer with the same options shares the
+    session; ~25 fps; DELETE 200 leaves nothing behind."""
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -221,6 +222,10 @@ def test_whep_viewer_of_an_avatar_status_codes_and_25_fps(edtalk_weights, face_i
                                                      **{"If-Match": etag})
                 out["put_resource"] = await request("PUT", loc)
                 out["get_whip"] = await request("GET", f"{srv.url}/whip/stream")
+                same = WhepViewer(endpoint + "?pose=still")     # the same avatar and options: the same session
+                await same.start()
+                out["shared"] = await leftovers(srv)
+                out["shared_delete"] = await same.close()
                 second = WhepViewer(endpoint)           # one session is the limit: a second avatar session is 503
                 try:
                     await second.start()
@@ -269,6 +274,8 @@ def test_whep_viewer_of_an_avatar_status_codes_and_25_fps(edtalk_weights, face_i
     assert out["patch_unknown"][0] == 404
     assert out["put_resource"][0] == 405 and {"PATCH", "DELETE"} <= allowed(out["put_resource"][1])
     assert out["get_whip"][0] == 405
+    assert out["shared"] == {"sessions": 1, "pcs": 2, "whep_sinks": 2, "resources": 2}, out["shared"]
+    assert out["shared_delete"] == 200
     assert out["full"]["status"] == 503 and int(out["full"]["headers"]["Retry-After"]) > 0
     assert 23.5 <= out["fps"] <= 26.5, out["fps"]
     assert out["audio_s"] > 2.0
