@@ -162,6 +162,11 @@ async def leftovers(srv: Running) -> dict[str, float]:
             "whep_sinks": m[("edtalk_sinks", (("kind", "whep"),))][1], "resources": len(srv.server.whip.resources)}
 
 
+def _server_tasks() -> list[str]:
+    """The server's per-session and per-viewer tasks still running."""
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(("session-", "whep-"))]
+
+
 def allowed(headers) -> set[str]:
     return {m.strip() for m in headers["Allow"].split(",")}
 
@@ -240,6 +245,8 @@ def test_whep_viewer_of_an_avatar_status_codes_and_25_fps(edtalk_weights, face_i
                 out["delete"] = await viewer.close()
                 out["after"] = await leftovers(srv)
                 out["delete_again"] = await request("DELETE", loc)
+                await until(lambda: not _server_tasks(), 3)
+                out["tasks"] = _server_tasks()
         finally:
             stun.close()
         return out
@@ -281,7 +288,7 @@ def test_whep_viewer_of_an_avatar_status_codes_and_25_fps(edtalk_weights, face_i
     assert out["audio_s"] > 2.0
     assert out["live"] == {"sessions": 1, "pcs": 1, "whep_sinks": 1, "resources": 1}, out["live"]
     assert out["delete"] == 200 and out["after"] == NOTHING, out["after"]
-    assert out["delete_again"][0] == 404
+    assert out["delete_again"][0] == 404 and out["tasks"] == []
 
 
 # ------------------------------------------------------------------------------------------ WHIP (aiortc)
@@ -354,6 +361,8 @@ def test_whip_stream_rules_viewers_by_session_id_and_lifetimes(edtalk_weights, f
             await until(lambda: not srv.server.peers and not srv.server.whip.resources, 10)   # speech ends at 3 s
             out["ended_s"] = time.monotonic() - t0
             out["after"] = await leftovers(srv)
+            await until(lambda: not _server_tasks(), 3)
+            out["tasks"] = _server_tasks()
             out["viewer_state"] = viewers[1].pc.connectionState
             for v in viewers:
                 await v.close(delete=False)
@@ -372,6 +381,7 @@ def test_whip_stream_rules_viewers_by_session_id_and_lifetimes(edtalk_weights, f
     assert out["with_one"] == {"sessions": 1, "pcs": 2, "whep_sinks": 1, "resources": 2}, out["with_one"]
     assert out["vanished_s"] < 5.0
     assert out["after"] == NOTHING and out["viewer_state"] == "closed", (out["after"], out["viewer_state"])
+    assert out["tasks"] == [], out["tasks"]
 
 
 # ------------------------------------------------------------------------------------------ WHIP (FFmpeg)
@@ -489,8 +499,9 @@ def test_ffmpeg_whip_speech_moves_the_lips_two_whep_viewers_see(tmp_path, loud_w
                 await until(lambda: "talk" in srv.server.whip.streams, 20)
                 out["whip_s"] = time.monotonic() - t0
                 assert "talk" in srv.server.whip.streams, "FFmpeg's WHIP POST did not arrive"
-                out["no_token"] = await request("POST", f"{srv.url}/whep/talk", "v=0\r\n",
-                                                **{"Content-Type": "application/sdp"})
+                out["no_token"] = [(await request("POST", f"{srv.url}/{path}", "v=0\r\n",
+                                                  **{"Content-Type": "application/sdp"}))[0]
+                                   for path in ("whep/talk", "whip/other")]
                 viewers = [WhepViewer(f"{srv.url}/whep/talk", token) for _ in range(2)]
                 for v in viewers:
                     await v.start()
@@ -515,7 +526,7 @@ def test_ffmpeg_whip_speech_moves_the_lips_two_whep_viewers_see(tmp_path, loud_w
 
     out = asyncio.run(main())
     assert out["rc"] == 0, out["log"]
-    assert out["no_token"][0] == 401
+    assert out["no_token"] == [401, 401]
     assert out["live"] == {"sessions": 1, "pcs": 3, "whep_sinks": 2, "resources": 3}, out["live"]
     assert out["after"] == NOTHING, out["after"]
     assert out["viewers_closed"] == ["closed", "closed"], out["viewers_closed"]
