@@ -165,6 +165,8 @@ class WhipWhep:
         sdp = await self._read_offer(request)
         if isinstance(sdp, web.Response):
             return sdp
+        if stream in self.streams:                  # taken while the offer was read
+            return self._error(409, f"stream {stream!r} is being published already")
         full = self.server.full()
         if full is not None:
             return full
@@ -306,7 +308,7 @@ class WhipWhep:
             return self._not_found(request.match_info["id"])
         if request.content_type != SDPFRAG:
             return fail(415, f"a PATCH body must be {SDPFRAG}, got {excerpt(request.content_type)}",
-                               headers={"Accept-Patch": SDPFRAG})
+                        headers={"Accept-Patch": SDPFRAG})
         tags = request.headers.get("If-Match")
         if tags is None:
             return fail(428, f"a PATCH needs If-Match: {res.etag} (the resource's ETag)")
@@ -323,8 +325,8 @@ class WhipWhep:
             return fail(400, str(e))
         remote = _ice_credentials(res.pc.remoteDescription.sdp if res.pc.remoteDescription else "")
         if any(mine is not None and mine != theirs for mine, theirs in zip(frag.credentials, remote, strict=True)):
-            return fail(422, "the fragment has new ICE credentials (an ICE restart), which are not "
-                               "supported: DELETE this resource and POST a new offer")
+            return fail(422, "the fragment has new ICE credentials (an ICE restart), which are not supported: "
+                        "DELETE this resource and POST a new offer")
         mid = _bundle_mid(res.pc.remoteDescription.sdp) if res.pc.remoteDescription else None
         for candidate in frag.candidates:
             if mid is not None:                 # one transport for every section (max-bundle)
@@ -390,9 +392,10 @@ class WhipWhep:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             kinds = [t.kind for t in pc.getTransceivers()]
             if kind == "whip":
-                if kinds.count("audio") != 1 or kinds.count("video") > 1:
+                audio, video = kinds.count("audio"), kinds.count("video")
+                if audio != 1 or video > 1:
                     raise _Unprocessable("a WHIP offer must have one audio section (the speech) and at most one "
-                                         f"video section, got {kinds.count('audio')} and {kinds.count('video')}")
+                                         f"video section, got {audio} audio and {video} video")
                 for t in pc.getTransceivers():
                     t.direction = "recvonly"
             else:
