@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (8080)")
     serve.add_argument("--max-sessions", type=int, default=8, metavar="N",
                        help="session limit of the whole server (all workers); then 503 (8)")
+    serve.add_argument("--max-viewers", type=int, default=32, metavar="N",
+                       help="WHEP viewers a server (each worker) sends the avatar to at once; then 503 (32)")
     serve.add_argument("--workers", type=int, metavar="N",
                        help="worker processes behind the one address, each with its own sessions and model "
                        "(default: one per 2 CPU cores, at least 1, at most 8; 1: a single process)")

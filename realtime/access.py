@@ -11,8 +11,9 @@ sees the client's address; its workers see only the supervisor's):
   (``edtalk-live token``).
 * **Bind check** (:func:`check_bind`): a server listening beyond loopback needs a token secret, or
   an explicit ``--insecure``.
-* **CORS** (:func:`cors_middleware`): only the origins given (``--cors-origin``) get CORS headers;
-  with none, the page's own origin is the only one a browser lets call the API.
+* **CORS** (:func:`cors_middleware`): only the origins given (``--cors-origin``) get CORS headers
+  (the WHIP/WHEP methods and headers included: ``PATCH``, ``DELETE``, ``If-Match``; ``Location``, ``ETag`` and
+  ``Link`` exposed); with none, the page's own origin is the only one a browser lets call the API.
 * **TURN credentials** (:func:`turn_credentials`): with ``--turn-secret`` (the ``static-auth-secret`` of a
   coturn-style TURN server) each caller gets its own short-lived username and password (the "TURN REST
   API" scheme), and only a caller holding a valid token gets them.
@@ -117,8 +118,10 @@ class OfferGate:
         self.buckets = TokenBuckets(rate, burst) if rate else None
         self.on_reject = on_reject or (lambda _reason: None)
 
-    def check(self, request: web.Request) -> web.Response | None:
-        if self.buckets is not None:
+    def check(self, request: web.Request, rate_limited: bool = True) -> web.Response | None:
+        """A refusal of ``request`` (429 over the rate, 401 without a valid token), or None; ``rate_limited``
+        False checks only the token (a WHIP/WHEP resource's PATCH and DELETE, which do not open a session)."""
+        if self.buckets is not None and rate_limited:
             wait = self.buckets.take(request.remote)
             if wait > 0:
                 self.on_reject("rate_limited")
@@ -151,6 +154,13 @@ class OfferGate:
         return None
 
 
+#: what an allowed origin's pages may send (WHIP/WHEP: PATCH with If-Match for trickle ICE, DELETE to hang up)
+CORS_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match"
+#: response headers an allowed origin's pages may read (WHIP/WHEP: the resource, its entity-tag, the ICE servers)
+CORS_EXPOSED_HEADERS = "Location, ETag, Link, Accept-Patch, Accept-Post, Retry-After"
+
+
 def cors_middleware(origins: Iterable[str]) -> Callable:
     """An aiohttp middleware giving the listed origins CORS access (preflight included), nobody else.
 
@@ -168,11 +178,13 @@ def cors_middleware(origins: Iterable[str]) -> Callable:
             if not ok:
                 return web.json_response({"error": "origin not allowed"}, status=403)
             response: web.StreamResponse = web.Response(status=204, headers={
-                "Access-Control-Allow-Methods": "GET, POST",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                "Access-Control-Allow-Methods": CORS_METHODS,
+                "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
                 "Access-Control-Max-Age": "600"})
         else:
             response = await handler(request)
+            if ok:
+                response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
         if ok:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"

@@ -91,7 +91,8 @@ def settings_from_args(args, host: str | None = None, port: int | None = None,
             entry.update(username=args.turn_username, credential=args.turn_credential)
         ice.append(entry)
     return ServerSettings(host=args.host if host is None else host, port=args.port if port is None else port,
-                          max_sessions=args.max_sessions, ice_servers=tuple(ice), udp_ports=ports,
+                          max_sessions=args.max_sessions, max_viewers=getattr(args, "max_viewers", 32),
+                          ice_servers=tuple(ice), udp_ports=ports,
                           inactivity_timeout=args.inactivity_timeout, connect_timeout=args.connect_timeout,
                           render_budget=args.render_budget,
                           max_batch=args.max_batch, render_threads=args.render_threads,

@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (the browser page), ``POST /offer`` (SDP offer + session options -> answer),
 ``GET /config`` (avatars, emotions, pose modes, ICE servers, RTMP target names for clients), ``GET /health``,
-``GET /metrics`` (Prometheus text, :mod:`edtalk_live.realtime.metrics`). State lives on the :class:`AvatarServer`
+``GET /metrics`` (Prometheus text, :mod:`edtalk_live.realtime.metrics`), and WHIP ingest and WHEP egress
+(``/whip/{stream}``, ``/whep/{target}``: :mod:`edtalk_live.realtime.whip`). State lives on the :class:`AvatarServer`
 object, never in module globals; a failing session closes only its own peer connection.
 
 Hostile input: an offer is answered with an answer or a one-line 4xx ``{"error": ...}``, never a 5xx
@@ -30,6 +31,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ from edtalk_live.realtime.rtmp import RtmpSink, check_target
 from edtalk_live.realtime.scheduler import FrameScheduler
 from edtalk_live.realtime.session import PRODUCER_TICK_S, Session
 from edtalk_live.realtime.tracks import WebRTCSink
+from edtalk_live.realtime.whip import WhipWhep
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +114,14 @@ class ServerSettings:
     #: RTMP targets a session may push to, by name (``{"live": "rtmp://host/app/key"}``): a session chooses one by
     #: name (session option ``rtmp``); the URLs (stream keys) are never shown
     rtmp_targets: dict[str, str] = field(default_factory=dict, repr=False)
+    #: WHEP viewers of the whole server (each is one more video encode); then 503
+    max_viewers: int = 32
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise InputError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_viewers < 0:
+            raise InputError(f"max_viewers must be >= 0, got {self.max_viewers}")
         if self.render_threads < 1:
             raise InputError(f"render_threads must be >= 1, got {self.render_threads}")
         if self.audio_prefetch < 0:
@@ -171,11 +178,15 @@ def restrict_udp_ports(loop: asyncio.AbstractEventLoop, lo: int, hi: int) -> Non
 
 @dataclass
 class _Peer:
+    """A live session and what feeds it: its caller's peer connection (a WHIP publisher's; None for a session only
+    WHEP viewers watch), its watchdog, and what else to close with it (``on_close``: its WHEP viewers)."""
+
     session: Session
     pc: Any
     watchdog: asyncio.Task | None = None
     closed: bool = False
     log: list[str] = field(default_factory=list)
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 class AvatarServer:
@@ -216,6 +227,7 @@ class AvatarServer:
         self.gate = OfferGate(settings.token_secret, settings.offer_rate, settings.offer_burst,
                               on_reject=lambda reason: self.prometheus.sessions_rejected.labels(reason).inc())
         self.loop_lag = self._health_metrics()
+        self.whip = WhipWhep(self)      # WHIP ingest and WHEP egress (POST /whip/{stream}, POST /whep/{target})
 
     # ------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -228,6 +240,7 @@ class AvatarServer:
         app.router.add_get("/config", self.config)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        self.whip.add_routes(app)
         app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
         return app
@@ -326,6 +339,20 @@ class AvatarServer:
             self.prometheus.sessions_rejected.labels("bad_request" if status == 400 else "too_large").inc()
         return web.json_response({"error": clip(message, 300)}, status=status)
 
+    def full(self) -> web.Response | None:
+        """The 503 (with ``Retry-After``) a request for a new session gets when the server is full, or None."""
+        if len(self.peers) < self.settings.max_sessions:
+            return None
+        self.prometheus.sessions_rejected.labels("full").inc()
+        return web.json_response({"error": f"server full: {len(self.peers)} of {self.settings.max_sessions} "
+                                  "sessions in use, try again later"}, status=503, headers={"Retry-After": "5"})
+
+    def options_from(self, params: dict) -> SessionOptions:
+        """Session options (the offer's JSON fields, or a WHIP/WHEP URL's query) checked against this server's
+        avatars, emotions and pose modes; :class:`InputError` names a bad one."""
+        return SessionOptions.from_json(params, list(self.avatars), sorted(self.presets), self.clip_poses is not None,
+                                        list(self.settings.rtmp_targets))
+
     async def offer(self, request: web.Request) -> web.Response:
         refused = self.gate.check(request)
         if refused is not None:
@@ -345,13 +372,11 @@ class AvatarServer:
         sdp, kind = params.pop("sdp", None), params.pop("type", None)
         if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
             return self._error(400, 'expected {"type": "offer", "sdp": "<session description>"}')
-        if len(self.peers) >= self.settings.max_sessions:
-            self.prometheus.sessions_rejected.labels("full").inc()
-            return web.json_response({"error": f"server full: {len(self.peers)} of {self.settings.max_sessions} "
-                                      "sessions in use, try again later"}, status=503, headers={"Retry-After": "5"})
+        full = self.full()
+        if full is not None:
+            return full
         try:
-            options = SessionOptions.from_json(params, list(self.avatars), sorted(self.presets),
-                                               self.clip_poses is not None, list(self.settings.rtmp_targets))
+            options = self.options_from(params)
         except EDTalkError as e:
             return self._error(400, str(e))
         try:
@@ -371,11 +396,17 @@ class AvatarServer:
 
         return RTCConfiguration(iceServers=rtc_ice_servers(self.ice_servers()))
 
-    async def _connect(self, sdp: str, options: SessionOptions) -> dict:
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+    def new_pc(self):
+        """A peer connection with the sessions' ICE configuration, counted in ``edtalk_peer_connections``."""
+        from aiortc import RTCPeerConnection
 
         pc = RTCPeerConnection(self.rtc_configuration())
         self._pcs.add(pc)
+        return pc
+
+    def new_session(self, options: SessionOptions, pc=None) -> _Peer:
+        """A new session with ``options``, live from here (counted, closed by :meth:`close_peer`); ``pc`` is the
+        peer connection that feeds it, if any. Not started: :meth:`Session.start` when its media begins."""
         sid = uuid.uuid4().hex
         paste = self._paste_back(options.avatar) if options.paste_back else None
         session = Session(sid, self.renderer, self.scheduler, self.avatars[options.avatar], options, self.presets,
@@ -387,6 +418,21 @@ class AvatarServer:
         peer = _Peer(session, pc)
         self.peers[sid] = peer
         self.prometheus.sessions_started.inc()
+        if options.rtmp:                  # a WebRTC session's, a WHIP stream's or a WHEP avatar's
+            self.push_rtmp(session, options.rtmp)
+        return peer
+
+    def watch(self, peer: _Peer) -> None:
+        """Start the watchdog of a session fed by a peer connection (see :meth:`_watch`)."""
+        sid = peer.session.id
+        peer.watchdog = asyncio.create_task(self._watch(sid), name=f"session-{sid[:8]}-watchdog")
+
+    async def _connect(self, sdp: str, options: SessionOptions) -> dict:
+        from aiortc import RTCSessionDescription
+
+        pc = self.new_pc()
+        peer = self.new_session(options, pc)
+        session, sid = peer.session, peer.session.id
         ok = False
         try:
             @pc.on("track")
@@ -446,9 +492,7 @@ class AvatarServer:
             except Exception as e:  # noqa: BLE001 - mutated offers raise many exception types, at each step
                 logger.info("session %s: negotiation failed: %s: %s", sid[:8], type(e).__name__, clip(str(e)))
                 raise InputError(f"bad SDP offer: {type(e).__name__}: {clip(str(e))}") from None
-            if options.rtmp:
-                self.push_rtmp(session, options.rtmp)
-            peer.watchdog = asyncio.create_task(self._watch(sid), name=f"session-{sid[:8]}-watchdog")
+            self.watch(peer)
             ok = True
             logger.info("session %s: started (avatar %s, emotion %s, pose %s)", sid[:8], options.avatar,
                         options.emotion, options.pose)
@@ -566,9 +610,15 @@ class AvatarServer:
             # its final counts join the totals as it leaves the live ones, in one step: no total goes down
             self.prometheus.session_totals.retire(self._closing.pop(sid).counts())
             try:
-                await peer.pc.close()
+                if peer.pc is not None:
+                    await peer.pc.close()
             except Exception:  # noqa: BLE001 - pc.close() can raise on a malformed session
                 logger.warning("session %s: error while closing the peer connection", sid[:8], exc_info=True)
+            for hook in list(peer.on_close):     # a hook may take itself off the list
+                try:
+                    await hook()
+                except Exception:  # noqa: BLE001 - one failing hook must not keep the others
+                    logger.warning("session %s: error while closing what watched it", sid[:8], exc_info=True)
             if peer.watchdog is not None and peer.watchdog is not asyncio.current_task():
                 peer.watchdog.cancel()
             if self._releasing is None or self._releasing.done():

@@ -18,6 +18,12 @@ so a box serves many sessions with several processes. The design:
   and reports on a pipe when it is listening. On a GPU they share it, with one CUDA context each.
   Worker 0 starts first and the others once it is up, so the on-disk caches (avatars, ONNX exports,
   TensorRT engines) are written by one process and read by the rest.
+* **WHIP and WHEP** (:mod:`edtalk_live.realtime.whip`) reach the worker that holds what they name: a
+  resource URL (PATCH, DELETE) by the worker index its id starts with (``/whep/x/1-...`` is worker 1's); a
+  stream or session by the worker remembered for it from the answer that made it (the last
+  :data:`ROUTES_KEPT`); a new stream or an avatar to the least-loaded worker; a WHEP target the supervisor
+  does not know to each worker in turn until one does not answer 404. A stream's media and its viewers'
+  are on that worker, so every viewer of a stream is on its publisher's worker.
 * **The session limit is the whole server's**: the supervisor answers 503 (the single server's JSON
   error) when the workers' live sessions plus the offers in flight reach ``--max-sessions``, or when
   no worker is up (both counted as ``edtalk_sessions_rejected_total{reason="full"}``). Live sessions
@@ -44,11 +50,13 @@ another is idle, the session limit cannot be the whole server's without a shared
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import sys
@@ -58,6 +66,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.realtime.access import OfferGate, cors_middleware, secret_from_args
@@ -83,8 +92,12 @@ DEFAULT_MAX_OFFER_BYTES = 64 * 1024
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade",
                           "proxy-authenticate", "proxy-authorization", "te", "trailer", "server", "date"})
 #: request headers passed on to a worker
-_FORWARDED = ("Accept", "Accept-Encoding", "Authorization", "Content-Type", "If-Modified-Since", "If-None-Match",
-              "Range")
+_FORWARDED = ("Accept", "Accept-Encoding", "Authorization", "Content-Type", "If-Match", "If-Modified-Since",
+              "If-None-Match", "Range")
+#: WHIP stream names and session ids whose worker the supervisor remembers (the oldest are forgotten past this)
+ROUTES_KEPT = 10_000
+#: what a session id looks like (a WHEP URL naming one watches a session, it makes none)
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -129,6 +142,7 @@ def worker_main(args, index: int, conn, log_level: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         server = server_from_args(args, host="127.0.0.1", port=sock.getsockname()[1], behind_supervisor=True)
+        server.whip.worker = index      # WHIP/WHEP resource ids start with it: the supervisor routes by them
     except (EDTalkError, OSError) as e:
         conn.send(("error", " ".join(str(e).split())))
         conn.close()
@@ -213,6 +227,8 @@ class Supervisor:
         self._failure: str | None = None
         self._http: aiohttp.ClientSession | None = None
         self._first_up = asyncio.Event()
+        # which worker holds a WHIP stream (by name) or a session (by id): WHIP/WHEP requests naming them go there
+        self._owners: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -397,6 +413,8 @@ class Supervisor:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_route)
         app.router.add_post("/offer", self.offer)
+        app.router.add_route("*", "/whip/{path:.*}", self.whip)
+        app.router.add_route("*", "/whep/{path:.*}", self.whip)
         app.router.add_get("/{tail:.*}", self.proxy)
         return app
 
@@ -431,15 +449,9 @@ class Supervisor:
         refused = self.gate.check(request)
         if refused is not None:
             return refused
-        limit = self.max_offer_bytes
-        too_large = f"offer larger than {limit} bytes"
-        if request.content_length is not None and request.content_length > limit:
-            return self._error(413, too_large, "too_large")
-        body = bytearray()
-        async for chunk in request.content.iter_chunked(1 << 16):
-            body += chunk
-            if len(body) > limit:
-                return self._error(413, too_large, "too_large")
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
         tried: set[int] = set()
         while True:
             live = sum(w.load for w in self.workers)
@@ -470,8 +482,103 @@ class Supervisor:
                 w.epoch += 1
                 answer = json.loads(payload)
                 answer["worker"] = w.index
+                self._remember(str(answer.get("session", "")), w.index)
                 return web.json_response(answer)
             return web.Response(status=status, body=payload, headers=headers)
+
+    # ------------------------------------------------------------ WHIP and WHEP
+    def _remember(self, key: str, index: int) -> None:
+        if key:
+            self._owners[key] = index
+            self._owners.move_to_end(key)
+            while len(self._owners) > ROUTES_KEPT:
+                self._owners.popitem(last=False)
+
+    async def whip(self, request: web.Request) -> web.StreamResponse:
+        """``/whip/...`` and ``/whep/...`` (:mod:`edtalk_live.realtime.whip`), to the worker that holds the
+        resource: a resource URL (PATCH, DELETE) by the worker index its id starts with; a stream or session
+        named in the URL by the worker remembered for it (from the answers that made them); anything else (a new
+        stream, an avatar, a session the supervisor does not know) to the least-loaded worker, then, for WHEP,
+        to each other worker in turn while they answer 404."""
+        kind = request.path.split("/")[1]
+        parts = request.match_info["path"].split("/")
+        if request.method == "POST":
+            refused = self.gate.check(request)
+        else:
+            refused = self.gate.check(request, rate_limited=False)
+        if refused is not None:
+            return refused
+        body = await self._read_body(request)       # an offer (POST) or an SDP fragment (PATCH)
+        if isinstance(body, web.Response):
+            return body
+        if len(parts) == 2:                         # a resource: {stream or target}/{worker}-{id}
+            index, _, rest = parts[1].partition("-")
+            w = self.workers[int(index)] if index.isdigit() and int(index) < len(self.workers) and rest else None
+            if w is None or w.state != "ok":
+                return self._error(404, f"no WHIP/WHEP resource {request.path} here (or its worker restarted)")
+            return await self._forward(request, [w], body)
+        if len(parts) != 1 or request.method not in ("POST", "GET", "HEAD", "OPTIONS"):
+            return await self._forward(request, self._up()[:1], body)       # the worker's 404 or 405
+        name = parts[0]
+        owner = self._owners.get(name)
+        up = self._up()
+        known = [w for w in up if w.index == owner]
+        if known:
+            return await self._forward(request, known, body, name=name, kind=kind)
+        if request.method == "POST":
+            live = sum(w.load for w in self.workers)
+            if live >= self.max_sessions:                # a new stream, or maybe a new avatar session
+                return self._error(503, f"server full: {live} of {self.max_sessions} sessions in use, try again "
+                                   "later", "full", **{"Retry-After": "5"})
+        tries = up if kind == "whep" else up[:1]
+        return await self._forward(request, tries, body, name=name, kind=kind)
+
+    async def _forward(self, request: web.Request, workers: list[_Worker], body: bytes, name: str = "",
+                       kind: str = "") -> web.StreamResponse:
+        """``request`` to the first of ``workers`` that does not answer 404 (the last one's answer otherwise).
+        A POST answered 201 makes a session there (a stream, or a viewer's avatar session): counted at once."""
+        if not workers:
+            return self._error(503, "no worker is ready, try again later", "full", **{"Retry-After": "5"})
+        answer: web.Response | None = None
+        for w in workers:
+            w.pending += request.method == "POST"
+            try:
+                async with self._http.request(request.method, self._url(w, request.rel_url.path_qs),
+                                              data=body or None, headers=_forward_headers(request),
+                                              timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    payload = await r.read()
+                    headers = CIMultiDict((k, v) for k, v in r.headers.items() if k.lower() not in _HOP_HEADERS)
+                    answer = web.Response(status=r.status, body=payload, headers=headers)
+            except (aiohttp.ClientError, TimeoutError):
+                logger.warning("worker %d failed while answering %s %s", w.index, request.method, request.path,
+                               exc_info=True)
+                answer = self._error(502, f"worker {w.index} did not answer, try again")
+                continue
+            finally:
+                w.pending -= request.method == "POST"
+            if answer.status == 201:
+                known = self._owners.get(name) is not None or _SESSION_ID.fullmatch(name)
+                if kind == "whip" or not known:
+                    w.sessions += 1             # a new session there (a stream, or an avatar's for its viewers)
+                    w.epoch += 1
+                if kind == "whip" or _SESSION_ID.fullmatch(name):
+                    self._remember(name, w.index)
+            if answer.status != 404:
+                break
+        return answer
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The request's body, or a 413 past the workers' offer size."""
+        limit = self.max_offer_bytes
+        too_large = f"offer larger than {limit} bytes"
+        if request.content_length is not None and request.content_length > limit:
+            return self._error(413, too_large, "too_large")
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                return self._error(413, too_large, "too_large")
+        return bytes(body)
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         """``GET /``, the static files, ``/config``: from the least-loaded worker that is up."""

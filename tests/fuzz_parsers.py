@@ -2,13 +2,14 @@
 
     python tests/fuzz_parsers.py -runs=200000            # or -max_total_time=600; any libFuzzer flag
 
-Targets, picked by the first byte of each input (modulo 5), the rest being the target's input:
+Targets, picked by the first byte of each input (modulo 6), the rest being the target's input:
 
 0. ``loads_bounded``: the JSON reader of offers and control messages (size, UTF-8, nesting bounds);
 1. ``check_offer_sdp``: the SDP bounds checked before aiortc's parser sees an offer;
 2. ``parse_control``: a control-channel message (text or bytes) -> a typed message;
 3. ``SessionOptions.parse``: an offer's options, from JSON the fuzzer writes;
-4. ``read_image``: the avatar image reader (its byte and pixel caps before decoding; PIL decodes).
+4. ``read_image``: the avatar image reader (its byte and pixel caps before decoding; PIL decodes);
+5. ``parse_sdpfrag``: a WHIP/WHEP trickle ICE PATCH body (its bounds, aiortc's candidate parser).
 
 Each must return or raise :class:`~edtalk_live.edtalk.errors.InputError`, nothing else, and stay fast
 (libFuzzer's ``-timeout``, 2 s here by default: these run on a request's path). Any other exception or
@@ -29,6 +30,7 @@ with atheris.instrument_imports():
     from edtalk_live.media.io import read_image
     from edtalk_live.realtime.limits import check_offer_sdp, loads_bounded
     from edtalk_live.realtime.protocol import Choices, SessionOptions, parse_control
+    from edtalk_live.realtime.whip import parse_sdpfrag
 
 CHOICES = Choices(avatars=("default", "anna"), emotions=("happy", "sad"), has_clip=False, rtmp_targets=("live",))
 _IMAGE = os.path.join(tempfile.mkdtemp(prefix="edtalk-fuzz-"), "image")
@@ -63,7 +65,11 @@ def _image(payload: bytes) -> None:
     read_image(_IMAGE)
 
 
-TARGETS = (_loads, _sdp, _control, _options, _image)
+def _sdpfrag(payload: bytes) -> None:
+    parse_sdpfrag(payload.decode("utf-8", "surrogateescape"))
+
+
+TARGETS = (_loads, _sdp, _control, _options, _image, _sdpfrag)
 
 
 def one_input(data: bytes) -> None:

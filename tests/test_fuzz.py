@@ -39,7 +39,11 @@ def _seeds(folder: Path) -> None:
     Image.new("RGB", (16, 8), (20, 130, 40)).save(jpeg, "JPEG", exif=exif)
     seeds = [b"\x00" + json.dumps({"type": "offer", "sdp": sdp}).encode(), b"\x01" + sdp.encode(),
              *(b"\x02" + json.dumps(c).encode() for c in controls), b"\x03" + json.dumps(options).encode(),
-             b"\x04" + png.getvalue(), b"\x04" + jpeg.getvalue()]
+             b"\x04" + png.getvalue(), b"\x04" + jpeg.getvalue(),
+             b"\x05a=ice-ufrag:EsAw\r\na=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+             b"a=mid:0\r\na=candidate:1387637174 1 udp 2122260223 192.0.2.1 61764 typ host generation 0\r\n"
+             b"a=candidate:2 1 udp 1686052607 198.51.100.7 3478 typ srflx raddr 10.0.0.1 rport 9\r\n"
+             b"a=end-of-candidates\r\n"]
     for i, seed in enumerate(seeds):
         (folder / f"seed-{i:02d}").write_bytes(seed)
 
