@@ -55,6 +55,7 @@ from edtalk_live.realtime.protocol import (
 )
 from edtalk_live.realtime.scheduler import FrameDropped, FrameScheduler, RenderFailed, SchedulerClosed, failure_reason
 from edtalk_live.realtime.sinks import Sink
+from edtalk_live.realtime.speech import SPEECH_AHEAD_S, SpeechQueue
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ BUDGET_WINDOW_FRAMES = 100
 BUDGET_LATE_FRAMES = 2
 #: the most a session's render budget rises to
 BUDGET_MAX_S = 1.0
+#: audio is fed to the lip sync at most this far ahead of real time (pushed speech comes seconds early): its frames
+#: are rendered at most this plus the render budget before they are due, so few wait, finished, in memory
+FEED_AHEAD_S = 0.2
 
 
 
@@ -159,6 +163,10 @@ class Session:
         self._last_audio = self.clock.now()
         self._failing = False              # the renderer fails on this session's frames now (one event per streak)
         self._send_event: Callable[[dict[str, Any]], None] | None = None
+        #: speech pushed by a bot instead of a microphone (:mod:`edtalk_live.realtime.speech`); its playback events
+        #: go to the control channel and to each listener (a pushed-speech stream)
+        self.speech = SpeechQueue(on_event=self._speech_event)
+        self.speech_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._unsent: collections.deque[dict[str, Any]] = collections.deque(maxlen=4)   # before the channel opened
         self.paste = paste                 # uint8 [B,S,S,3] -> uint8 [B,H,W,3] (paste-back), or None
         idle = assets.idle_frame if paste is None else paste(assets.idle_frame[None])[0]
@@ -295,6 +303,37 @@ class Session:
         self._arrivals.append((self.audio.cursor, now))
         self._audio_arrived.set()
 
+    # ------------------------------------------------------------ pushed speech (bots: TTS instead of a microphone)
+    def push_speech(self, samples: np.ndarray, rate: int = RATE) -> int:
+        """Queue mono speech (float or int16) at ``rate`` Hz, as fast as it comes; returns its utterance's id. It
+        plays from the earliest frame the lip sync has not consumed, at 25 fps, lips in sync
+        (:mod:`edtalk_live.realtime.speech`)."""
+        if not self.started:
+            self.start()
+        utt = self.speech.push(samples, rate)
+        self._last_audio = self.clock.now()
+        self._audio_arrived.set()
+        return utt
+
+    def end_speech(self) -> int | None:
+        """The current pushed utterance is complete (``playback_finished`` follows once it has played)."""
+        self._last_audio = self.clock.now()
+        self._audio_arrived.set()
+        return self.speech.end()
+
+    def clear_speech(self) -> None:
+        """Stop speaking now: queued speech and frames are dropped, the utterance ends ``interrupted``."""
+        if self.speech.active:
+            self.interrupt()
+
+    def _speech_event(self, event: dict[str, Any]) -> None:
+        self.send_event(event)
+        for listener in list(self.speech_listeners):
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a closed stream must not stop the playout
+                logger.warning("session %s: a speech listener failed", self.id[:8], exc_info=True)
+
     @property
     def idle_seconds(self) -> float:
         """Session time since the last audio frame arrived."""
@@ -317,11 +356,15 @@ class Session:
                 await self._audio_or(tick)
             else:
                 await self.clock.sleep(tick)
+            rest = []
             if self._interrupt:                # the lip-sync is only touched here, never during a pop
                 self._interrupt = False
                 self.lips.reset()
                 self._fed = max(self.lips.position, 0)
+                rest = self._resting_frames(self.pacer.next_index, self.lips.first_index)
             now_pos = int(self.clock.now() * RATE)
+            if self.speech.place(self.audio, earliest=self._fed, horizon=now_pos + int(SPEECH_AHEAD_S * RATE)):
+                self._last_audio = self.clock.now()
             # no audio arriving (not started, muted, lost): silence, a little behind real time
             fill_to = now_pos - int(self.jitter_margin * RATE)
             if not self.audio.anchored:        # up to a frame boundary: the first speech can start on the next one
@@ -334,7 +377,7 @@ class Session:
             if anchor is not None and not self._speech_started:
                 self._speech_started = True
                 restart = await self._restart_at(anchor)
-            end = self.audio.cursor
+            end = min(self.audio.cursor, now_pos + int(FEED_AHEAD_S * RATE))
             # the audio waits in the ring until the lip sync's next frame can be complete with it: one mel
             # update per frame rather than one per packet
             lips = self.lips
@@ -357,8 +400,16 @@ class Session:
                 except Exception as exc:  # noqa: BLE001 - Audio2Lip failed: a failed pop changed nothing, retry
                     self._render_failed(self.lips.next_index, exc)
                     await asyncio.sleep(PRODUCER_TICK_S)
-            for f in restart + frames:
+            for f in rest + restart + frames:
                 self._spawn(self._render(f, self._generation), f"frame-{f.index}")
+
+    def _resting_frames(self, first: int, end: int) -> list[LipFrame]:
+        """Frames ``first .. end-1`` with a resting mouth: after an interrupt, those the dropped audio had covered
+        (the lip sync's new stream starts at ``end``), so the mouth closes at once instead of freezing."""
+        if end <= first or end - first > 4 * FPS:
+            return []
+        rest = self.assets.rest_lip
+        return [LipFrame(i, rest, SAMPLES_PER_FRAME * i, voiced=False) for i in range(first, end)]
 
     async def _audio_or(self, timeout: float) -> None:
         """Until audio arrives or ``timeout`` seconds pass."""
@@ -510,7 +561,10 @@ class Session:
                 logger.info("session %s: render budget lowered to %.0f ms", self.id[:8], self.render_budget * 1000)
 
     def _sent(self, index: int) -> None:
-        """Frame ``index`` leaves now (to the sinks): record its audio-in -> frame-out latency."""
+        """Frame ``index`` leaves now (to the sinks): record its audio-in -> frame-out latency; report pushed
+        speech that started or finished playing."""
+        if self.speech.utterances:
+            self.speech.played(SAMPLES_PER_FRAME * (index + 1))
         now = self.clock.now()
         arrived = self._arrival_time(SAMPLES_PER_FRAME * (index + 1))
         if arrived is not None and self.audio.frames:
@@ -563,9 +617,13 @@ class Session:
         return {"type": "stats" if isinstance(msg, Stats) else "ok", "for": msg.type, "stats": self.snapshot()}
 
     def interrupt(self) -> None:
-        """Drop queued audio and frames at once (an agent cutting its own speech)."""
+        """Drop queued audio and frames at once (an agent cutting its own speech); pushed speech ends
+        ``interrupted`` and the next utterance starts as early as the lip sync allows."""
         self._generation += 1
         self.frames.clear()
+        if self.speech.active:
+            self.speech.clear(self.next_sample)
+            self.audio.cursor = min(self.audio.cursor, self.next_sample)
         self.audio.clear_from(self.next_sample)
         self._interrupt = True
 
