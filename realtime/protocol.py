@@ -107,6 +107,16 @@ def check_rtmp_target(name: Any, choices: Choices) -> str | None:
     return name
 
 
+#: where a session's speech may come from (session option ``input``)
+INPUTS: tuple[str, ...] = ("mic", "push")
+
+
+def check_input(value: Any) -> str:
+    if value not in INPUTS:
+        raise InputError(f"unknown input {excerpt(value)}; choose one of {', '.join(INPUTS)}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------ session options
 
 
@@ -122,9 +132,12 @@ class SessionOptions:
     probe: bool = False          # paint each frame's index into its top rows (latency measurements)
     paste_back: bool = False     # stream the avatar's whole photo with the face blended back in
     rtmp: str | None = None      # push the session to this RTMP target of the server too (a name, never a URL)
+    #: where the speech comes from: "mic" (the peer's audio track) or "push" (a bot's TTS audio, pushed over the
+    #: session's speech socket, :mod:`edtalk_live.realtime.pushsocket`; a microphone track is then ignored)
+    input: str = "mic"
 
     FIELDS: ClassVar[tuple[str, ...]] = ("avatar", "emotion", "intensity", "pose", "low_latency", "probe",
-                                         "paste_back", "rtmp")
+                                         "paste_back", "rtmp", "input")
 
     @classmethod
     def parse(cls, data: dict[str, Any], choices: Choices) -> SessionOptions:
@@ -140,7 +153,8 @@ class SessionOptions:
                    pose=check_pose_mode(data.get("pose", "idle"), choices),
                    low_latency=bool(data.get("low_latency", False)), probe=bool(data.get("probe", False)),
                    paste_back=bool(data.get("paste_back", False)),
-                   rtmp=check_rtmp_target(data.get("rtmp"), choices))
+                   rtmp=check_rtmp_target(data.get("rtmp"), choices),
+                   input=check_input(data.get("input", "mic")))
 
     @classmethod
     def from_json(cls, data: dict[str, Any], avatars: list[str], emotions: list[str], has_clip: bool,

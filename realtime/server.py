@@ -43,6 +43,7 @@ from aiohttp import web
 from edtalk_live.avatar.prepare import PreparedAvatar, make_paste_back
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.engines.base import Renderer
+from edtalk_live.realtime import pushsocket
 from edtalk_live.realtime.access import OfferGate, cors_middleware, rtc_ice_servers, turn_credentials
 from edtalk_live.realtime.audio_in import shorten_audio_buffer
 from edtalk_live.realtime.budget import RenderBudget
@@ -241,6 +242,7 @@ class AvatarServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         self.whip.add_routes(app)
+        pushsocket.routes(self, app)
         app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
         return app
@@ -437,7 +439,9 @@ class AvatarServer:
         try:
             @pc.on("track")
             def on_track(track):
-                if track.kind == "audio":
+                if track.kind == "audio" and options.input == "push":
+                    session.drain(track)        # the speech is pushed: a microphone track is not listened to
+                elif track.kind == "audio":
                     self._shorten_audio_buffer(pc, track)
                     session.consume(track)
 

@@ -167,6 +167,7 @@ class Session:
         #: go to the control channel and to each listener (a pushed-speech stream)
         self.speech = SpeechQueue(on_event=self._speech_event)
         self.speech_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.speech_sources = 0            # open pushed-speech streams: the session is in use while one is open
         self._unsent: collections.deque[dict[str, Any]] = collections.deque(maxlen=4)   # before the channel opened
         self.paste = paste                 # uint8 [B,S,S,3] -> uint8 [B,H,W,3] (paste-back), or None
         idle = assets.idle_frame if paste is None else paste(assets.idle_frame[None])[0]
@@ -261,6 +262,17 @@ class Session:
         """Read the peer's audio track until it ends (frames placed by their timestamps)."""
         return self._spawn(self._consume(track), "audio-in")
 
+    def drain(self, track) -> asyncio.Task | None:
+        """Receive ``track`` and drop its frames (a track nobody reads grows aiortc's queue without bound)."""
+        async def drain() -> None:
+            from aiortc.mediastreams import MediaStreamError
+
+            with contextlib.suppress(MediaStreamError):
+                while not self.closed:
+                    await track.recv()
+
+        return self._spawn(drain(), "drain")
+
     async def _consume(self, track) -> None:
         from aiortc.mediastreams import MediaStreamError
 
@@ -326,6 +338,10 @@ class Session:
         if self.speech.active:
             self.interrupt()
 
+    def note_audio(self) -> None:
+        """Count the session as in use from now (the inactivity timeout starts again)."""
+        self._last_audio = self.clock.now()
+
     def _speech_event(self, event: dict[str, Any]) -> None:
         self.send_event(event)
         for listener in list(self.speech_listeners):
@@ -336,7 +352,10 @@ class Session:
 
     @property
     def idle_seconds(self) -> float:
-        """Session time since the last audio frame arrived."""
+        """Session time since the last audio frame arrived (0 while a pushed-speech stream is open: a bot is
+        silent while it listens)."""
+        if self.speech_sources:
+            return 0.0
         return self.clock.now() - self._last_audio
 
     def _arrival_time(self, pos: int) -> float | None:

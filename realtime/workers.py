@@ -415,6 +415,7 @@ class Supervisor:
         app.router.add_post("/offer", self.offer)
         app.router.add_route("*", "/whip/{path:.*}", self.whip)
         app.router.add_route("*", "/whep/{path:.*}", self.whip)
+        app.router.add_get("/sessions/{session}/speech", self.speech)
         app.router.add_get("/{tail:.*}", self.proxy)
         return app
 
@@ -566,6 +567,47 @@ class Supervisor:
             if answer.status != 404:
                 break
         return answer
+
+    # ------------------------------------------------------------ pushed speech
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        """A session's pushed-speech WebSocket (:mod:`edtalk_live.realtime.pushsocket`), relayed to the worker that
+        holds the session (remembered from the answer that made it), both ways, message by message."""
+        from edtalk_live.realtime.pushsocket import MAX_MESSAGE_BYTES
+
+        sid = request.match_info["session"]
+        owner = self._owners.get(sid)
+        w = next((w for w in self._up() if w.index == owner), None)
+        if w is None:
+            return self._error(404, f"no session {sid[:40]!r} here (or its worker restarted)")
+        try:
+            upstream = await self._http.ws_connect(self._url(w, request.rel_url.path_qs),
+                                                   headers=_forward_headers(request), max_msg_size=MAX_MESSAGE_BYTES)
+        except aiohttp.WSServerHandshakeError as e:      # the worker's refusal (401, 404, 409, 400) as it gave it
+            return self._error(e.status, e.message or "the worker refused the speech socket")
+        except (aiohttp.ClientError, TimeoutError):
+            return self._error(502, f"worker {w.index} did not answer, try again")
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=20.0)
+        await ws.prepare(request)
+
+        async def relay(src, dst) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                else:
+                    break
+
+        try:
+            tasks = [asyncio.ensure_future(relay(ws, upstream)), asyncio.ensure_future(relay(upstream, ws))]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await upstream.close()
+            await ws.close()
+        return ws
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         """The request's body, or a 413 past the workers' offer size."""
