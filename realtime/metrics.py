@@ -55,7 +55,7 @@ LOOP_LAG_PERIOD_S = 0.1
 #: what a sink counts: the ``edtalk_sink_<what>_total`` counters (see :class:`edtalk_live.realtime.sinks.SinkStats`)
 SINK_COUNTS: tuple[str, ...] = ("frames", "drops", "reconnects", "errors")
 #: the kinds of output sink, exported from 0 (``kind`` label)
-SINK_KINDS: tuple[str, ...] = ("webrtc", "whep", "rtmp", "virtualcam")
+SINK_KINDS: tuple[str, ...] = ("webrtc", "whep", "rtmp", "stream")
 #: why an offer was refused: the ``reason`` label of ``edtalk_sessions_rejected_total``
 REJECT_REASONS: tuple[str, ...] = ("full", "bad_request", "too_large", "rate_limited", "unauthorized")
 

@@ -163,6 +163,9 @@ class FrameScheduler:
         self.renderer = renderer
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
+        #: wall seconds the render thread has spent working (renders, lip sync, other device work): its load is the
+        #: rate this grows at (one render thread: 1.0 is all it can do)
+        self.busy_seconds = 0.0
         self.max_queue = int(max_queue)
         self.stop_timeout = float(stop_timeout)
         config = getattr(renderer, "config", None)
@@ -324,11 +327,12 @@ class FrameScheduler:
         def call() -> T:
             if closed.is_set():
                 raise SchedulerClosed("the frame scheduler stopped before this call ran")
-            start = time.thread_time()
+            start, wall = time.thread_time(), time.perf_counter()
             try:
                 return fn(*args)
             finally:
                 metrics.cpu(stage, time.thread_time() - start)
+                self.busy_seconds += time.perf_counter() - wall
 
         future = self._executor.submit(call)
         self._calls.add(future)

@@ -228,6 +228,7 @@ class AvatarServer:
         self.gate = OfferGate(settings.token_secret, settings.offer_rate, settings.offer_burst,
                               on_reject=lambda reason: self.prometheus.sessions_rejected.labels(reason).inc())
         self.loop_lag = self._health_metrics()
+        self.frame_seconds: float | None = None        # one frame's device work, timed at start-up (_warm_up)
         self.whip = WhipWhep(self)      # WHIP ingest and WHEP egress (POST /whip/{stream}, POST /whep/{target})
 
     # ------------------------------------------------------------ app
@@ -290,6 +291,7 @@ class AvatarServer:
         self.budget.floor = min(self.settings.jitter_margin + PRODUCER_TICK_S + frame * self.budget.margin + 0.005,
                                 self.budget.ceiling)
         self.budget.initial = self.budget.estimate(PRODUCER_TICK_S + frame)
+        self.frame_seconds = frame
         logger.info("one frame's device work takes %.1f ms here: the render budget starts at %.0f ms, at least "
                     "%.0f ms", frame * 1000, self.budget.current() * 1000, self.budget.floor * 1000)
 

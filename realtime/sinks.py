@@ -179,7 +179,7 @@ class Sink(ABC):
     """Where a session's output goes. :meth:`put` is called on the event loop at each frame's due time and must
     return at once; :meth:`start` before the first chunk, :meth:`stop` at the end (idempotent).
 
-    ``kind`` names the sink type in ``/metrics`` (``webrtc``, ``rtmp``, ``virtualcam``, ...); ``name`` says which
+    ``kind`` names the sink type in ``/metrics`` (``webrtc``, ``whep``, ``rtmp``, ``stream``); ``name`` says which
     one in logs.
     """
 

@@ -43,6 +43,19 @@ PLAYBACK_STARTED = "playback_started"
 PLAYBACK_FINISHED = "playback_finished"
 
 
+def check_speech(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Pushed speech as float32 mono samples in [-1, 1] (from int16 or float), or :class:`InputError`."""
+    x = np.asarray(samples)
+    if x.ndim != 1:
+        raise InputError(f"pushed speech must be mono samples [N], got shape {list(x.shape)}")
+    if not MIN_RATE <= int(rate) <= MAX_RATE:
+        raise InputError(f"pushed speech sample rate must be {MIN_RATE}-{MAX_RATE} Hz, got {rate}")
+    x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise InputError("pushed speech has NaN or infinite samples")
+    return x
+
+
 @dataclass
 class Utterance:
     id: int
@@ -83,15 +96,7 @@ class SpeechQueue:
 
     def push(self, samples: np.ndarray, rate: int = SAMPLE_RATE) -> int:
         """Queue mono speech (float in [-1, 1] or int16) at ``rate`` Hz; returns its utterance's id."""
-        x = np.asarray(samples)
-        if x.ndim != 1:
-            raise InputError(f"pushed speech must be mono samples [N], got shape {list(x.shape)}")
-        if not MIN_RATE <= int(rate) <= MAX_RATE:
-            raise InputError(f"pushed speech sample rate must be {MIN_RATE}-{MAX_RATE} Hz, got {rate}")
-        x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32, copy=False)
-        if not np.isfinite(x).all():
-            raise InputError("pushed speech has NaN or infinite samples")
-        x = self._to_16k(x, int(rate))
+        x = self._to_16k(check_speech(samples, rate), int(rate))
         if self._pending_samples + len(x) > MAX_QUEUED_S * SAMPLE_RATE:
             raise InputError(f"more than {MAX_QUEUED_S:g} s of pushed speech queued: wait for it to play")
         utt = self._current
