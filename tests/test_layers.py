@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("edtalk", "media", "export", "engines", "avatar", "realtime", "benchmarks", "clients")
+PACKAGES = ("edtalk", "media", "export", "engines", "avatar", "realtime", "integrations", "benchmarks", "clients")
 
 
 def _modules():
