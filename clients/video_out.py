@@ -29,8 +29,8 @@ from edtalk_live.realtime.sinks import DropOldest
 logger = logging.getLogger(__name__)
 
 VIRTUAL_CAMERA_HELP = ("Linux: load v4l2loopback (sudo modprobe v4l2loopback exclusive_caps=1 card_label=EDTalk); "
-                       "Windows/macOS: install OBS Studio 26 or later and start its virtual camera once (Windows: "
-                       "or Unity Capture)")
+                       "Windows: install OBS Studio 26 or later, or Unity Capture; macOS: install OBS Studio "
+                       "(macOS 13+: 30 or later), start its virtual camera once and stop it)")
 
 
 @dataclass(frozen=True)
