@@ -38,6 +38,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import statistics
 import threading
@@ -51,7 +52,6 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError
 
-from edtalk_live.benchmarks.latency import MIN_VOICE_CORRELATION, voice_lag
 from edtalk_live.clients.sound import (
     RATE,
     MicrophoneTrack,
@@ -82,6 +82,14 @@ FILE_TAIL_S = 2.0
 #: seconds of sound compared for the voice round trip, and the longest round trip looked for
 ROUND_TRIP_WINDOW_S = 4.0
 ROUND_TRIP_MAX_S = 3.0
+#: voice packets aiortc's receiver holds back before handing one over (``shorten_audio_buffer``): the voice reaches
+#: the client this many 20 ms packets after the frame that left the server with it
+VOICE_PREFETCH = 1
+VOICE_PTIME = 0.020
+#: the longest a frame is held (seconds): the frame queues hold 3 s
+MAX_HOLD_S = 2.5
+#: the voice matches what was captured when their normalised correlation reaches this
+MIN_VOICE_CORRELATION = 0.5
 #: a latency outside this (seconds) is a misread probe index, left out
 PLAUSIBLE_S = (0.0, 10.0)
 
@@ -204,15 +212,33 @@ def _to_16k(x: np.ndarray, rate: int) -> np.ndarray:
     return np.interp(t, np.arange(len(x)), x)
 
 
+def _best_lag(received: np.ndarray, sent: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
+    """The lag ``L`` in ``[lo, hi]`` with ``received[j] ≈ sent[j - L]`` that correlates best, and its normalised
+    correlation (1.0 for an exact copy)."""
+    r, s = np.asarray(received, np.float64), np.asarray(sent, np.float64)
+    n = 1 << int(math.ceil(math.log2(len(r) + len(s))))
+    c = np.fft.irfft(np.fft.rfft(r, n) * np.conj(np.fft.rfft(s, n)), n)       # c[L mod n] = sum r[j] s[j - L]
+    lags = np.arange(max(lo, -len(s) + 1), min(hi, len(r) - 1) + 1)
+    if len(lags) == 0:
+        return 0, 0.0
+    lag = int(lags[int(np.argmax(c[lags % n]))])
+    j0, j1 = max(0, lag), min(len(r), len(s) + lag)
+    a, b = r[j0:j1], s[j0 - lag:j1 - lag]
+    denom = math.sqrt(float(a @ a) * float(b @ b))
+    return lag, float(a @ b) / denom if denom > 0 else 0.0
+
+
 def voice_round_trip(source_clock: SampleClock, source: StreamHistory, out_clock: SampleClock,
                      played: StreamHistory, now: float, window: float = ROUND_TRIP_WINDOW_S,
-                     longest: float = ROUND_TRIP_MAX_S) -> tuple[float, float] | None:
+                     shortest: float = 0.0, longest: float = ROUND_TRIP_MAX_S) -> tuple[float, float] | None:
     """``(seconds, correlation)`` from a sound at the source to the same sound played, or None.
 
     The last ``window`` seconds played are cross-correlated with what the source captured from ``longest``
-    seconds before them on (both at 16 kHz): played sample ``j`` carries captured sample ``j - lag``, so the
-    round trip is the time between them. None while either is silent or they do not match (correlation
-    below :data:`~edtalk_live.benchmarks.latency.MIN_VOICE_CORRELATION`).
+    seconds before them on (both at 16 kHz), over round trips from ``shortest`` to ``longest`` seconds (the
+    server's delay is the shortest possible; a narrower range keeps a sound that repeats from matching its own
+    repetition): played sample ``j`` carries captured sample ``j - lag``, so the round trip is the time between
+    them. None while either is silent or they do not match (correlation below
+    :data:`MIN_VOICE_CORRELATION`).
     """
     end = out_clock.position_at(now)
     if end is None:
@@ -229,9 +255,11 @@ def voice_round_trip(source_clock: SampleClock, source: StreamHistory, out_clock
     s = _to_16k(source.read(src0, int((window + longest) * source.rate)), source.rate)
     if float(p @ p) < 1e-6 * len(p) or float(s @ s) < 1e-6 * len(s):
         return None
-    lag, corr = voice_lag(p, s)
-    rt = t_out0 - t_src0 + lag / SAMPLE_RATE
-    if corr < MIN_VOICE_CORRELATION or not 0 < rt < longest:
+    offset = t_out0 - t_src0                    # round trip = offset + lag / 16 kHz
+    lag, corr = _best_lag(p, s, math.ceil((shortest - offset) * SAMPLE_RATE),
+                          math.floor((longest - offset) * SAMPLE_RATE))
+    rt = offset + lag / SAMPLE_RATE
+    if corr < MIN_VOICE_CORRELATION or not shortest <= rt <= longest:
         return None
     return rt, corr
 
@@ -260,8 +288,9 @@ class DesktopClient:
         self._stop_requested = threading.Event()
         self._shown: collections.deque = collections.deque(maxlen=60 * FPS)     # (shown, arrival, index)
         self._arrivals: collections.deque = collections.deque(maxlen=30 * FPS)  # frame arrivals
-        self._voice_in: collections.deque = collections.deque(maxlen=500)       # (arrival, voice position)
-        self._voice_holds: collections.deque = collections.deque(maxlen=FPS)    # seconds from arrival to speaker
+        self._voice_next = 0                                                    # timestamp the next voice frame
+        self._voice_holds: collections.deque = collections.deque(maxlen=50)     # seconds from arrival to speaker
+        self._pending_voice: collections.deque = collections.deque(maxlen=500)  # arrived, not played yet
         self._closing = False
         self._server: dict[str, Any] = {}
         self._stats_reply: asyncio.Future | None = None
@@ -335,35 +364,57 @@ class DesktopClient:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            now = time.monotonic()
             if buffer is None:
                 continue
-            start = int(round(frame.pts * frame.time_base * RATE)) if frame.pts is not None else None
-            if frame.sample_rate == RATE:
-                samples = frame_samples(frame)
-            else:                                        # not Opus's 48 kHz: resample (rare)
-                resampler = resampler or av.AudioResampler(format="flt", layout="mono", rate=RATE)
-                samples = np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(frame)] or
-                                         [np.zeros(0, np.float32)])
-            if start is None:
-                start = self._voice_in[-1][1] if self._voice_in else 0
-            pos = buffer.write(start, samples)
-            self._voice_in.append((now, pos))
-            played = self.speaker.time_of_voice(pos) if self.speaker is not None else None
-            if played is not None:
-                self._voice_holds.append(played - now)
+            try:
+                resampler = self._voice_frame(frame, buffer, resampler)
+            except Exception:  # noqa: BLE001 - one bad frame must not end the voice
+                logger.exception("a voice frame failed")
+
+    def _voice_frame(self, frame: av.AudioFrame, buffer: VoiceBuffer, resampler):
+        """Put one received voice frame into the buffer; returns the resampler (made when first needed)."""
+        now = time.monotonic()
+        start = int(round(frame.pts * frame.time_base * RATE)) if frame.pts is not None else None
+        if frame.sample_rate == RATE:
+            samples = frame_samples(frame)
+        else:                                        # not Opus's 48 kHz: resample (rare)
+            resampler = resampler or av.AudioResampler(format="flt", layout="mono", rate=RATE)
+            samples = np.concatenate([f.to_ndarray().reshape(-1) for f in resampler.resample(frame)] or
+                                     [np.zeros(0, np.float32)])
+        if start is None:                            # (aiortc stamps every frame)
+            start = self._voice_next
+        self._voice_next = start + len(samples)
+        pos = buffer.write(start, samples)
+        self._pending_voice.append((now, pos))
+        self._note_voice_holds()
+        return resampler
+
+    def _note_voice_holds(self) -> None:
+        """How long the voice waited from its arrival to the DAC, for the frames whose first sample has played."""
+        spk = self.speaker
+        pending = self._pending_voice
+        if spk is None:
+            pending.clear()
+            return
+        cursor = spk.buffer.cursor
+        while pending and pending[0][1] < cursor:
+            arrival, pos = pending.popleft()
+            played = spk.played_at(pos)
+            if played is not None:                  # None: skipped, or too far behind
+                self._voice_holds.append(played - arrival)
 
     def video_hold(self) -> float:
-        """Seconds a frame arriving now is held before it is shown: as long as the voice arriving with it waits
-        before it plays (the median over the last second; until then, what the buffer and the device add),
-        less the voice delay (negative: the video waits longer)."""
+        """Seconds a frame arriving now is held before it is shown: as long as its voice waits before it plays
+        (the median over the last second of the voice's wait from its arrival; until then, what the buffer and the
+        device add), plus the time its voice reaches the client after it (:data:`VOICE_PREFETCH`), less the voice
+        delay (negative: the video waits longer)."""
         delay = self.options.voice_delay_ms / 1000
         spk = self.speaker
         if spk is None:
             return max(-delay, 0.0)
         holds = list(self._voice_holds)
         voice = statistics.median(holds) if holds else spk.buffer.target / RATE + spk.latency
-        return max(voice - delay, 0.0)
+        return min(max(voice + VOICE_PREFETCH * VOICE_PTIME - delay, 0.0), MAX_HOLD_S)
 
     async def _read_video(self, track, outputs: list[FrameOutput]) -> None:
         while True:
@@ -374,8 +425,13 @@ class DesktopClient:
             now = time.monotonic()
             self.report.frames += 1
             self._arrivals.append(now)
-            image = frame.to_ndarray(format="rgb24")
-            item = VideoItem(image, now, now + self.video_hold(), read_index(image) if self.options.probe else None)
+            try:
+                image = frame.to_ndarray(format="rgb24")
+                item = VideoItem(image, now, now + self.video_hold(),
+                                 read_index(image) if self.options.probe else None)
+            except Exception:  # noqa: BLE001 - one bad frame must not end the video
+                logger.exception("a video frame failed")
+                continue
             for out in outputs:
                 out.put(item)
             if not outputs:                              # nothing shows it: count it as shown when due
@@ -399,7 +455,10 @@ class DesktopClient:
                         exact=self.options.probe)
         rt = None
         if src is not None and spk is not None:
-            found = voice_round_trip(src.clock, src.history, spk.clock, spk.history, now)
+            # no round trip is shorter than the server's delay: the range leaves out a repeating sound's echoes
+            delay = float(self._server.get("delay_ms") or self.report.delay_ms or 0.0) / 1000
+            found = voice_round_trip(src.clock, src.history, spk.clock, spk.history, now, shortest=delay * 0.9,
+                                     longest=delay + ROUND_TRIP_MAX_S / 2)
             if found is not None:
                 rt, m.voice_correlation = found
                 m.voice_round_trip_ms = round(rt * 1000, 1)
@@ -426,14 +485,10 @@ class DesktopClient:
             m.av_offset_ms = None if off is None else round(off * 1000, 1)
         elif spk is not None:
             video_hold = _median([t - arrival for t, arrival, _ in shown])
-            holds = []
-            for arrival, pos in list(self._voice_in)[-50:]:
-                played = spk.time_of_voice(pos)
-                if played is not None:
-                    holds.append(played - arrival)
-            voice_hold = _median(holds)
+            voice_hold = _median(list(self._voice_holds))
             if video_hold is not None and voice_hold is not None:
-                off = video_hold - voice_hold + (m.server.get("av_offset_ms") or 0.0) / 1000
+                off = (video_hold - voice_hold - VOICE_PREFETCH * VOICE_PTIME
+                       + (m.server.get("av_offset_ms") or 0.0) / 1000)
                 m.av_offset_ms = round(off * 1000, 1)
                 if rt is not None:
                     m.video_latency_ms = round((rt + off) * 1000 - 1000 / FPS, 1)
@@ -503,7 +558,7 @@ class DesktopClient:
             @pc.on("track")
             def on_track(track):
                 if track.kind == "audio":
-                    shorten_audio_buffer(pc, track, 1)
+                    shorten_audio_buffer(pc, track, VOICE_PREFETCH)
                     tasks.append(asyncio.ensure_future(self._read_voice(track, buffer)))
                 else:
                     skip_lost_video(pc, track)

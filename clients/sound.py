@@ -86,7 +86,7 @@ class SampleClock:
     """When a sound stream's samples reach (or left) the converter, on ``time.monotonic()``.
 
     Each callback says where the stream is: ``observe(now, position)`` with ``position`` the sample at the
-    converter at ``now`` (from PortAudio's latency). Callbacks come late, never early, so the clock's base is the
+    converter at ``now``. Callbacks come late, never early, so the clock's base is the
     smallest ``now - position / rate`` seen in the last ``window`` seconds (which also follows a converter
     whose clock drifts from the system's).
     """
@@ -197,7 +197,9 @@ class MicrophoneTrack(MediaStreamTrack):
             self.status_flags += 1
         pos = self._position
         self._position += frames
-        self.clock.observe(now - self.latency, self._position)     # the block's last sample left the ADC then
+        # the earliest callbacks come as a block completes, its last sample just captured (subtracting PortAudio's
+        # input latency, which is its buffer's size, counted 40 ms too many with ALSA's pulse device)
+        self.clock.observe(now, self._position)
         pcm = indata[:, 0].copy()
         self.history.write(pos, pcm.astype(np.float32) / 32768.0)
         self.queue.put((pos, pcm))
@@ -304,8 +306,8 @@ class Speaker:
     """Plays a :class:`VoiceBuffer` on an output device through a sounddevice ``OutputStream`` callback.
 
     :attr:`clock` says when each output sample reaches the DAC; :attr:`history` keeps what was played
-    (silence included); :attr:`last_block` is ``(output position, voice position)`` of the newest block that
-    carried voice, which maps a voice position to its output position (and so to its time).
+    (silence included); :attr:`blocks` logs the last blocks that carried voice as ``(output position, voice
+    position, samples)``, which :meth:`played_at` reads to say when a voice position played.
     """
 
     def __init__(self, buffer: VoiceBuffer, device: int | str | None = None, latency: str | float = 0.04):
@@ -314,7 +316,7 @@ class Speaker:
         self.buffer = buffer
         self.clock = SampleClock(RATE)
         self.history = StreamHistory(RATE)
-        self.last_block: tuple[int, int] | None = None
+        self.blocks: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=400)
         self.status_flags = 0           # PortAudio's output underflows
         self._position = 0
         try:
@@ -346,12 +348,16 @@ class Speaker:
         self.clock.observe(now + self.latency, pos)          # this block's first sample reaches the DAC then
         self.history.write(pos, samples)
         if at is not None:
-            self.last_block = (pos, at)
+            self.blocks.append((pos, at, frames))
 
-    def time_of_voice(self, voice_pos: int) -> float | None:
-        """When voice position ``voice_pos`` plays (was played), from the newest block with voice."""
-        last = self.last_block
-        return None if last is None else self.clock.time_of(last[0] + voice_pos - last[1])
+    def played_at(self, voice_pos: int) -> float | None:
+        """When voice position ``voice_pos`` reached the DAC (None: not played, or too long ago)."""
+        for out_pos, at, n in reversed(list(self.blocks)):      # a copy: the audio thread appends meanwhile
+            if at <= voice_pos < at + n:
+                return self.clock.time_of(out_pos + voice_pos - at)
+            if at + n <= voice_pos:
+                return None                 # newer than everything played
+        return None
 
     def stop(self) -> None:
         try:

@@ -137,6 +137,22 @@ def test_voice_round_trip_finds_the_delay_between_two_streams():
     assert voice_round_trip(src_clock, src, out_clock, out, now=57.5) is None
 
 
+def test_voice_round_trip_keeps_to_its_range_when_the_sound_repeats():
+    """Bursts every 2 s, played 0.437 s later: 2.437 s matches as well; the range (from the server's delay on)
+    picks the real one."""
+    rng = np.random.default_rng(1)
+    burst = np.concatenate([rng.standard_normal(RATE // 4), np.zeros(2 * RATE - RATE // 4)]).astype(np.float32)
+    sent = np.tile(burst, 5)
+    src_clock, out_clock = SampleClock(RATE), SampleClock(RATE)
+    src, out = StreamHistory(RATE), StreamHistory(RATE)
+    src.write(0, sent)
+    out.write(0, np.concatenate([np.zeros(int(0.437 * RATE), np.float32), sent])[: len(sent)])
+    src_clock.observe(10.0, 0)
+    out_clock.observe(10.0, 0)
+    found = voice_round_trip(src_clock, src, out_clock, out, now=19.5, shortest=0.3, longest=1.8)
+    assert found is not None and found[0] == pytest.approx(0.437, abs=1e-3)
+
+
 def test_options_are_checked():
     with pytest.raises(InputError, match="--jitter-ms"):
         DesktopOptions(jitter_ms=5)
@@ -471,5 +487,5 @@ def test_a_tone_at_the_microphone_comes_back_at_the_speaker(tmp_path, pulse, edt
     assert len(sent) == 4 and len(delays) >= 3, (sent, came, delays)
     median = float(np.median(delays))
     assert server_delays and min(server_delays) <= median <= max(server_delays) + 700, (median, server_delays)
-    assert client_rt is not None and abs(median - client_rt) <= 80, (median, client_rt)
-    assert av is not None and abs(av) <= 80, av
+    assert client_rt is not None and abs(median - client_rt) <= 60, (median, client_rt)
+    assert av is not None and abs(av) <= 60, av
