@@ -493,6 +493,11 @@ class DesktopClient:
                 if rt is not None:
                     m.video_latency_ms = round((rt + off) * 1000 - 1000 / FPS, 1)
         m.fps = self._fps(since, now)
+        if logger.isEnabledFor(logging.DEBUG):
+            video, voice = _median([t - arrival for t, arrival, _ in shown]), _median(list(self._voice_holds))
+            logger.debug("waits from arrival: video %s ms, voice %s ms; first sample sent %s, anchor %s",
+                         None if video is None else round(video * 1000), None if voice is None else round(voice * 1000),
+                         getattr(src, "first_sent", None), anchor)
         if spk is not None:
             m.voice_buffer_ms = round(spk.buffer.level / RATE * 1000, 1)
             m.underruns = spk.buffer.underruns

@@ -82,16 +82,28 @@ def _check_device(sd, device: int | str | None, kind: str) -> None:
         raise InputError(f"no {what} device {device!r}: {e} (see `edtalk-live client --list-devices`)") from None
 
 
+def _extra_settings(sd, device: int | str | None, kind: str):
+    """Host-API settings for ``device``: WASAPI (Windows) opens a device only at its own rate unless asked to
+    convert (``auto_convert``); the others need none."""
+    try:
+        api = sd.query_hostapis(sd.query_devices(device, kind)["hostapi"])["name"]
+        return sd.WasapiSettings(auto_convert=True) if "WASAPI" in api else None
+    except Exception:  # noqa: BLE001 - an older sounddevice, or no such device: open it as it is
+        return None
+
+
 class SampleClock:
     """When a sound stream's samples reach (or left) the converter, on ``time.monotonic()``.
 
     Each callback says where the stream is: ``observe(now, position)`` with ``position`` the sample at the
     converter at ``now``. Callbacks come late, never early, so the clock's base is the
-    smallest ``now - position / rate`` seen in the last ``window`` seconds (which also follows a converter
-    whose clock drifts from the system's).
+    smallest ``now - position / rate`` seen in the last ``window`` seconds. The window is short: a stream's
+    start can run its callbacks in a burst (a device buffer filling, larger than the latency PortAudio
+    reports), which would otherwise hold the base too early for as long; it also follows a converter whose
+    clock drifts from the system's.
     """
 
-    def __init__(self, rate: int, window: float = 10.0):
+    def __init__(self, rate: int, window: float = 2.0):
         self.rate = rate
         self.window = window
         self._mins: collections.deque[tuple[float, float]] = collections.deque()   # (second, smallest base)
@@ -172,7 +184,8 @@ class MicrophoneTrack(MediaStreamTrack):
         self._time_base = fractions.Fraction(1, RATE)
         try:
             self.stream = sd.InputStream(device=device, samplerate=RATE, channels=1, dtype="int16",
-                                         blocksize=BLOCK, latency=latency, callback=self._callback)
+                                         blocksize=BLOCK, latency=latency, callback=self._callback,
+                                         extra_settings=_extra_settings(sd, device, "input"))
         except sd.PortAudioError as e:
             raise InputError(f"cannot open the microphone {device if device is not None else '(default)'}: "
                              f"{e}") from None
@@ -321,7 +334,8 @@ class Speaker:
         self._position = 0
         try:
             self.stream = sd.OutputStream(device=device, samplerate=RATE, channels=1, dtype="float32",
-                                          latency=latency, callback=self._callback)
+                                          latency=latency, callback=self._callback,
+                                          extra_settings=_extra_settings(sd, device, "output"))
         except sd.PortAudioError as e:
             raise InputError(f"cannot open the speaker {device if device is not None else '(default)'}: "
                              f"{e}") from None
