@@ -190,16 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = commands.add_parser(
         "client",
-        help="send an audio file to a server as a microphone and record the answer",
-        description="Connect to an edtalk-live server, send the audio in real time, record video + voice to an mp4.",
+        help="talk to a server: an audio file recorded to an mp4, or the microphone with the avatar on screen, "
+             "as a virtual camera and the voice on a speaker",
+        description="Connect to an edtalk-live server. --audio FILE sends a file in real time and records video + "
+        "voice to an mp4 (--out). --mic sends the microphone and plays the returned voice on a speaker, shows the "
+        "avatar in a window (--show) and/or as a virtual camera (--virtual-camera) for a video-call app; it "
+        "reports the latency and the A/V offset every few seconds and at the end (needs the [desktop] extra; "
+        "the virtual camera the [virtualcam] extra). --audio with --speaker, --show or --virtual-camera sends "
+        "the file the same way.",
     )
     client.add_argument("--server", default="http://127.0.0.1:8080", help="server URL")
-    client.add_argument("--audio", required=True, help="speech to send (any format PyAV decodes)")
-    client.add_argument("--out", help="recorded .mp4 (H.264 + AAC)")
+    source = client.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audio", help="speech to send (any format PyAV decodes)")
+    source.add_argument("--mic", action="store_true", help="send the microphone (sounddevice)")
+    source.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
+    client.add_argument("--out", help="recorded .mp4 (H.264 + AAC; --audio without desktop outputs)")
     client.add_argument("--avatar", help="avatar name (see GET /config)")
     client.add_argument("--emotion", help="emotion preset name")
     client.add_argument("--pose", choices=["still", "clip", "idle"], help="pose mode")
     client.add_argument("--token", help="bearer token for a server with a token secret (default: $EDTALK_LIVE_TOKEN)")
+    desk = client.add_argument_group("desktop (--mic)")
+    desk.add_argument("--mic-device", metavar="DEV",
+                      help="microphone: a device number or (part of) a name from --list-devices (default: the "
+                      "system's; PulseAudio/PipeWire: 'pulse', the source chosen by $PULSE_SOURCE)")
+    desk.add_argument("--speaker", metavar="DEV",
+                      help="where the voice plays: a device number or name from --list-devices, or 'none' "
+                      "(default with --mic: the system's output; PulseAudio/PipeWire: 'pulse', the sink chosen "
+                      "by $PULSE_SINK)")
+    desk.add_argument("--show", action="store_true", help="show the avatar in a window (pygame)")
+    desk.add_argument("--virtual-camera", nargs="?", const="", default=None, metavar="DEVICE",
+                      help="send the avatar to a virtual camera at 25 fps (pyvirtualcam; DEVICE e.g. /dev/video2 "
+                      "or 'OBS Virtual Camera'; default: the first one found)")
+    desk.add_argument("--camera-backend", metavar="NAME",
+                      help="pyvirtualcam backend: v4l2loopback, obs, unitycapture (default: the first that works)")
+    desk.add_argument("--camera-size", metavar="WxH",
+                      help="virtual camera frame size, the avatar scaled to fit (default: the server's frame size)")
+    desk.add_argument("--voice-delay", type=float, default=0.0, metavar="MS",
+                      help="shift the voice against the video: positive plays the voice later, negative holds the "
+                      "video back (0)")
+    desk.add_argument("--jitter-ms", type=float, default=80.0, metavar="MS",
+                      help="the voice buffer's target before the voice delay (80)")
+    desk.add_argument("--duration", type=float, metavar="S", help="end after S seconds (default: until Ctrl-C)")
+    desk.add_argument("--report-every", type=float, default=5.0, metavar="S",
+                      help="seconds between latency reports (5)")
+    desk.add_argument("--probe", action="store_true",
+                      help="measure the video latency and A/V offset exactly: the server paints each frame's index "
+                      "into the avatar's top rows (for testing)")
     client.set_defaults(run=_run_client)
 
     prepare = commands.add_parser(
@@ -322,6 +358,19 @@ def _run_token(args: argparse.Namespace) -> int:
 
 
 def _run_client(args: argparse.Namespace) -> int:
+    desktop = args.mic or args.show or args.virtual_camera is not None or args.speaker is not None
+    if args.list_devices:
+        from edtalk_live.clients.sound import list_devices
+
+        print(list_devices())
+        return 0
+    if desktop:
+        if args.out:
+            raise EDTalkError("--out records a file's session; with --mic, --speaker, --show or --virtual-camera "
+                              "leave it out")
+        from edtalk_live.clients.desktop import main_desktop
+
+        return main_desktop(args)
     from edtalk_live.realtime.client import main_client
 
     return main_client(args)

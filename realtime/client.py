@@ -254,18 +254,63 @@ class _Writer:
             raise EDTalkError(f"could not record {self.path}: {self.error}")
 
 
-async def _ice_servers(base: str, headers: dict[str, str] | None) -> list[dict]:
-    """The ICE servers the server's ``/config`` gives this client (with a token: TURN credentials made for
-    it); none when it gives none or cannot be asked (the offer then says why)."""
+def peer_connection(config: dict[str, Any]):
+    """A new ``RTCPeerConnection`` with the ICE servers of the server's ``config`` (:func:`server_config`); none
+    when it gives none (aiortc's default for None would ask a public STUN server)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    servers = [e for e in config.get("ice_servers", []) if isinstance(e, dict) and e.get("urls")]
+    return RTCPeerConnection(RTCConfiguration(iceServers=rtc_ice_servers(servers)))
+
+
+async def negotiate(pc, base: str, options: dict[str, Any] | None, headers: dict[str, str] | None,
+                    connect_timeout: float, on_answer: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Offer ``pc`` (its tracks and channels added) to the server at ``base`` with the session ``options``,
+    apply its answer and wait until the peers are connected; returns the server's answer (``session``,
+    ``delay_ms``, ...). Raises :class:`EDTalkError` naming the cause when the server refuses the session, cannot
+    be reached, or no connection comes within ``connect_timeout`` seconds."""
+    import aiohttp
+    from aiortc import RTCSessionDescription
+
+    connected = asyncio.Event()
+
+    @pc.on("connectionstatechange")
+    async def on_state():
+        if pc.connectionState == "connected":
+            connected.set()
+
+    await pc.setLocalDescription(await pc.createOffer())
+    payload = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, **(options or {})}
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.post(f"{base}/offer", json=payload, headers=headers) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise EDTalkError(f"server refused the session ({resp.status}): {body.get('error', body)}")
+        except aiohttp.ClientError as e:
+            raise EDTalkError(f"cannot reach {base}: {e}") from None
+    if on_answer is not None:                 # e.g. a test that needs the server's candidates
+        on_answer(body["sdp"])
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+    try:
+        await asyncio.wait_for(connected.wait(), connect_timeout)
+    except TimeoutError:
+        raise EDTalkError(f"no WebRTC connection to {base} within {connect_timeout:g} s") from None
+    return body
+
+
+async def server_config(base: str, headers: dict[str, str] | None) -> dict[str, Any]:
+    """The server's ``/config`` (its avatars, emotions, frame size and the ICE servers it gives this client; with
+    a token: TURN credentials made for it); empty when it cannot be asked (the offer then says why)."""
     import aiohttp
 
     try:
         async with aiohttp.ClientSession() as http, http.get(f"{base}/config", headers=headers,
                                                             timeout=aiohttp.ClientTimeout(total=10)) as r:
-            servers = (await r.json(content_type=None)).get("ice_servers", []) if r.status == 200 else []
+            config = (await r.json(content_type=None)) if r.status == 200 else {}
     except (aiohttp.ClientError, TimeoutError, ValueError):
-        return []
-    return [e for e in servers if isinstance(e, dict) and e.get("urls")]
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Path | None = None,
@@ -292,17 +337,12 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     reads each frame's painted index as it arrives into ``ClientResult.video_index`` and keeps the voice, but
     not the frames: a call of hours fits in memory.
     """
-    import aiohttp
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-
     samples = audio if isinstance(audio, np.ndarray) else load_audio(audio, RATE)
     base = server.rstrip("/")
     result = ClientResult(out=Path(out) if out else None, sent_seconds=len(samples) / RATE)
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    ice = await _ice_servers(base, headers)
+    headers = bearer(token)
+    pc = peer_connection(await server_config(base, headers))
     writer = _Writer(result.out) if result.out else None
-    # the server's ICE servers; none when it has none (aiortc's default for None asks a public STUN server)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=rtc_ice_servers(ice)))
     sender_track = FileAudioTrack(samples)
     pc.addTrack(sender_track)
     pc.addTransceiver("video", direction="recvonly")
@@ -310,7 +350,6 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     replies: list[dict] = []
     channel.on("message", lambda m: replies.append(json.loads(m)))
     done = asyncio.Event()
-    connected = asyncio.Event()
     tasks: list[asyncio.Task] = []
 
     window: list[float] = []          # [start, end] wall-clock window to keep (set once sending starts)
@@ -365,31 +404,13 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
 
     @pc.on("connectionstatechange")
     async def on_state():
-        if pc.connectionState == "connected":
-            connected.set()
-        elif pc.connectionState in ("failed", "closed"):
+        if pc.connectionState in ("failed", "closed"):
             done.set()
 
     ok = False
     try:
-        await pc.setLocalDescription(await pc.createOffer())
-        payload = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, **(options or {})}
-        async with aiohttp.ClientSession() as http:
-            try:
-                async with http.post(f"{base}/offer", json=payload, headers=headers) as resp:
-                    body = await resp.json(content_type=None)
-                    if resp.status != 200:
-                        raise EDTalkError(f"server refused the session ({resp.status}): {body.get('error', body)}")
-            except aiohttp.ClientError as e:
-                raise EDTalkError(f"cannot reach {base}: {e}") from None
+        body = await negotiate(pc, base, options, headers, connect_timeout, on_answer)
         result.session = body.get("session", "")
-        if on_answer is not None:                 # e.g. a test that needs the server's candidates
-            on_answer(body["sdp"])
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
-        try:
-            await asyncio.wait_for(connected.wait(), connect_timeout)
-        except TimeoutError:
-            raise EDTalkError(f"no WebRTC connection to {base} within {connect_timeout:g} s") from None
         server_delay = float(body.get("delay_ms", 300)) / 1000
         while sender_track.t_start is None:               # sending starts once media flows
             await asyncio.sleep(0.005)
@@ -429,6 +450,11 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
             await asyncio.get_running_loop().run_in_executor(None, writer.close, ok and result.video_frames > 0)
 
 
+def bearer(token: str | None) -> dict[str, str] | None:
+    """The ``Authorization`` header for ``token`` (None: no header)."""
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
 def main_client(args) -> int:
     """``edtalk-live client``: returns the exit code."""
     options = {}
@@ -436,6 +462,8 @@ def main_client(args) -> int:
         value = getattr(args, key, None)
         if value:
             options[key] = value
+    if getattr(args, "probe", False):
+        options["probe"] = True
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise InputError(f"output folder does not exist: {Path(args.out).parent}")
     token = args.token or os.environ.get("EDTALK_LIVE_TOKEN")
