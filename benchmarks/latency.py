@@ -584,7 +584,7 @@ async def run_outputs(url: str, audio: np.ndarray, options: dict[str, Any], outp
     per output, each measured like the WebRTC peer (:func:`analyse_session`) on the same wall clock."""
     from types import SimpleNamespace
 
-    from edtalk_live.benchmarks.outputs import RtmpRecorder
+    from edtalk_live.benchmarks.outputs import RtmpRecorder, WhepRecorder
     from edtalk_live.realtime.client import run_client
 
     recorders: dict[str, Any] = {}
@@ -595,8 +595,11 @@ async def run_outputs(url: str, audio: np.ndarray, options: dict[str, Any], outp
             recorders["rtmp"] = RtmpRecorder(rtmp_port)
             await recorders["rtmp"].start()
             options["rtmp"] = RTMP_TARGET
+        if "whep" in outputs:
+            recorders["whep"] = WhepRecorder(url)
         result = await run_client(url, audio, None, options=options, keep_frames=True, connect_timeout=connect_timeout,
-                                  record_window=False, tail=TAIL_S)
+                                  record_window=False, tail=TAIL_S,
+                                  on_session=recorders["whep"].attach if "whep" in recorders else None)
     finally:
         recordings = {name: await rec.stop() for name, rec in recorders.items()}
     rows = []

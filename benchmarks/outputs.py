@@ -154,6 +154,86 @@ class RtmpRecorder:
         return self.recording
 
 
+# ------------------------------------------------------------------------------------------ WHEP
+
+
+class WhepRecorder:
+    """A WHEP viewer (aiortc) of a session: :meth:`attach` to session ``sid`` (``POST /whep/{sid}``), and
+    :meth:`stop` hangs up (``DELETE``) and returns what it received, frame by frame as aiortc hands it over."""
+
+    def __init__(self, base: str, headers: dict[str, str] | None = None):
+        self.base = base.rstrip("/")
+        self.headers = dict(headers or {})
+        self.recording = Recording("whep")
+        self.recording.audio_rate = 0
+        self._pc = None
+        self._location: str | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def attach(self, sid: str) -> None:
+        import aiohttp
+        from aiortc import RTCSessionDescription
+
+        from edtalk_live.realtime.client import peer_connection, server_config, skip_lost_video
+
+        pc = self._pc = peer_connection(await server_config(self.base, self.headers or None))
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")
+
+        @pc.on("track")
+        def on_track(track):
+            if track.kind == "video":
+                skip_lost_video(pc, track)
+            self._tasks.append(asyncio.ensure_future(self._read(track)))
+
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{self.base}/whep/{sid}", data=pc.localDescription.sdp,
+                headers={**self.headers, "Content-Type": "application/sdp"}) as r:
+            answer = await r.text()
+            if r.status != 201:
+                raise RuntimeError(f"WHEP POST answered {r.status}: {answer[:200]}")
+            self._location = r.headers.get("Location")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+
+    async def _read(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        from edtalk_live.realtime.probe import read_index
+
+        rec = self.recording
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            wall = time.time()
+            if track.kind == "video":
+                rec.add_frame(read_index(frame.to_ndarray(format="rgb24")), wall)
+            else:
+                rec.audio_rate = frame.sample_rate
+                samples = frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1, dtype=np.float32)
+                if frame.format.name == "s16":
+                    samples /= 32768.0
+                rec.add_voice(samples, frame.pts, wall)
+
+    async def stop(self) -> Recording:
+        import aiohttp
+
+        if self._location:
+            with contextlib.suppress(Exception):
+                async with aiohttp.ClientSession() as http, http.delete(
+                        self.base + self._location if self._location.startswith("/") else self._location,
+                        headers=self.headers) as r:
+                    await r.read()
+        if self._pc is not None:
+            await self._pc.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return self.recording
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "rtmp-receive":
         rtmp_receive(int(sys.argv[2]))

@@ -319,7 +319,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
                      control: list[tuple[float, dict | str | Callable[[Any], None]]] | None = None,
                      record_window: bool = True, token: str | None = None,
                      audio_prefetch: int | None = None, read_probe: bool = False,
-                     on_answer: Callable[[str], None] | None = None) -> ClientResult:
+                     on_answer: Callable[[str], None] | None = None,
+                     on_session: Callable[[str], Any] | None = None) -> ClientResult:
     """Connect to ``server``, send ``audio`` in real time, record the answer; returns a :class:`ClientResult`.
 
     With ``record_window`` (default) only what the server sends for the sent audio is kept: video and
@@ -329,7 +330,8 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     ``(seconds after start, message)`` pairs sent on the ``control`` data channel, e.g.
     ``{"type": "emotion", "name": "happy"}``, or a function called with the channel (tests sending what
     ``send`` would not); every reply is kept in ``ClientResult.replies``. ``on_answer`` is called with the
-    server's answer SDP as soon as it comes. ``token`` is sent as ``Authorization: Bearer <token>`` (a
+    server's answer SDP as soon as it comes, ``on_session`` (a function or a coroutine function) with the session
+    id once connected, before the audio starts. ``token`` is sent as ``Authorization: Bearer <token>`` (a
     server with a token secret needs it). ``audio_prefetch``
     gives the returned voice the receive buffer the server gives its incoming audio
     (:func:`~edtalk_live.realtime.audio_in.shorten_audio_buffer`) instead of aiortc's, which holds the voice
@@ -411,6 +413,10 @@ async def run_client(server: str, audio: str | Path | np.ndarray, out: str | Pat
     try:
         body = await negotiate(pc, base, options, headers, connect_timeout, on_answer)
         result.session = body.get("session", "")
+        if on_session is not None:            # e.g. a benchmark attaching other outputs to the session
+            pending = on_session(result.session)
+            if asyncio.iscoroutine(pending):
+                await pending
         server_delay = float(body.get("delay_ms", 300)) / 1000
         while sender_track.t_start is None:               # sending starts once media flows
             await asyncio.sleep(0.005)

@@ -98,7 +98,7 @@ def _row(out: str, n: int) -> list[str]:
 def test_smoke_one_session_on_loopback(capsys, tmp_path, edtalk_weights, face_image):
     out_json = tmp_path / "latency.json"
     code = latency.main(["--weights", str(edtalk_weights), "--avatar", str(face_image), "--sessions", "1",
-                         "--seconds", "3", "--outputs", "webrtc,rtmp", "--json", str(out_json)])
+                         "--seconds", "3", "--outputs", "webrtc,whep,rtmp", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"^Machine: .*torch ", out, re.M)
@@ -129,10 +129,10 @@ def test_smoke_one_session_on_loopback(capsys, tmp_path, edtalk_weights, face_im
     assert abs(np.median(offsets)) <= 80 and np.percentile(np.abs(offsets), 90) <= 100, offsets
     assert abs(m["server"]["av_offset_ms"]) <= 40, m["server"]
 
-    # every output of one session, measured the same way (an RTMP receiver started by the benchmark)
+    # every output of one session, measured the same way (a WHEP viewer, an RTMP receiver started by the benchmark)
     assert "| output | video latency p50 (ms) |" in out
     outputs = {r["output"]: r for r in data["outputs"]}
-    assert set(outputs) == {"webrtc", "rtmp"}
+    assert set(outputs) == {"webrtc", "whep", "rtmp"}
     for name, r in outputs.items():
         assert not r["error"], (name, r["error"])
         assert r["frames_used"] >= 0.9 * 3 * 25, (name, r)
