@@ -54,7 +54,7 @@ class AvatarSession(_AvatarSession):
     room) or local (:meth:`local`: an :class:`~edtalk_live.realtime.engine.AvatarEngine` in this process).
 
     ``avatar``, ``emotion``, ``intensity``, ``pose`` and ``options`` are the stream's options, as an offer's
-    (``avatar``: the name of one of the worker's avatars; ``pose``: ``still``, ``natural``, ...). ``agent_name``:
+    (``avatar``: the name of one of the worker's avatars; ``pose``: ``idle``, ``still`` or ``clip``). ``agent_name``:
     the worker's agent name. ``avatar_identity``: the avatar participant's identity (default: ``edtalk-avatar-``
     followed by the agent's identity). ``wait_for_video``: the agent speaks only once the avatar's video is
     published (remote mode).

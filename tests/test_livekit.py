@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from types import SimpleNamespace
@@ -80,6 +81,14 @@ class Reports:
 
     def notify_playback_finished(self, playback_position: float, interrupted: bool) -> None:
         self.finished.append((time.monotonic(), len(self.items), playback_position, interrupted))
+
+
+class _AgentSession(rtc.EventEmitter):
+    """What an avatar plugin uses of an ``AgentSession``: its audio output, and events."""
+
+    def __init__(self):
+        super().__init__()
+        self.output = SimpleNamespace(audio=None)
 
 
 async def _until(condition, timeout: float, what: str) -> None:
@@ -254,7 +263,7 @@ def test_local_avatar_session_publishes_the_avatar_and_reports_playback(engine, 
 
     async def main():
         (room,) = loopback_rooms("agent-local")
-        session = SimpleNamespace(output=SimpleNamespace(audio=None))
+        session = _AgentSession()
         avatar = AvatarSession.local(engine, pose="still")
         await avatar.start(session, room)
         audio = session.output.audio
@@ -382,42 +391,56 @@ def test_worker_accepts_as_the_avatar_on_behalf_of_the_agent_and_declines_when_f
 
 
 @pytest.mark.slow
-def test_worker_job_plays_for_the_agent_until_it_leaves(engine, speech):
-    """The job entrypoint in a duck-typed job context: joins, publishes on behalf of the agent, plays the agent's
-    speech, ends its stream when the agent leaves."""
+def test_worker_jobs_in_two_threads_play_for_their_agents_until_they_leave(engine, speech):
+    """The job entrypoint as the worker runs it, a thread and a loop per room, two rooms at once on the one engine,
+    in duck-typed job contexts: each joins on behalf of its agent, plays the agent's speech, answers its control
+    RPC, and ends its stream when the agent leaves."""
     from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
 
     from edtalk_live.integrations.livekit_worker import avatar_job
 
-    async def main():
-        agent_room, avatar_room = loopback_rooms("agent-2", "edtalk-avatar-agent-2")
+    async def room(agent: str, seconds: float):
+        avatar = f"{AGENT_NAME}-{agent}"
+        agent_room, avatar_room = loopback_rooms(agent, avatar)
         shutdowns: list[str] = []
 
         async def connect(**_):
             return None
 
-        ctx = SimpleNamespace(job=SimpleNamespace(metadata=AvatarJob(agent_identity="agent-2",
+        ctx = SimpleNamespace(job=SimpleNamespace(metadata=AvatarJob(agent_identity=agent,
                                                                      options={"pose": "still"}).to_json()),
                               room=avatar_room, connect=connect, shutdown=shutdowns.append)
         job = asyncio.create_task(avatar_job(ctx, engine=engine))
-        output = DataStreamAudioOutput(agent_room, destination_identity="edtalk-avatar-agent-2",
+        output = DataStreamAudioOutput(agent_room, destination_identity=avatar,
                                        wait_remote_track=rtc.TrackKind.KIND_VIDEO, wait_playback_start=True)
-        for frame in _frames(speech, 0.6, frame_ms=20):
+        for frame in _frames(speech, seconds, frame_ms=20):
             await output.capture_frame(frame)
         output.flush()
         done = await asyncio.wait_for(output.wait_for_playout(), 8)
         reply = await agent_room.local_participant.perform_rpc(
-            destination_identity="edtalk-avatar-agent-2", method="edtalk.control", payload='{"type": "stats"}')
-        streams = engine.streams
+            destination_identity=avatar, method="edtalk.control", payload='{"type": "stats"}')
         await agent_room.disconnect()
         await asyncio.wait_for(job, 5)
-        return done, avatar_room.local_participant.attributes, json.loads(reply), streams, shutdowns
+        return done, avatar_room.local_participant.attributes, json.loads(reply), shutdowns
 
-    done, attributes, reply, streams, shutdowns = asyncio.run(main())
-    assert done.playback_position == pytest.approx(0.6, abs=0.02) and not done.interrupted
-    assert attributes[ATTRIBUTE_PUBLISH_ON_BEHALF] == "agent-2"
-    assert reply["type"] == "stats" and streams == 1
-    assert shutdowns == ["the agent left"] and engine.streams == 0
+    out: dict = {}
+
+    def thread(agent: str, seconds: float) -> None:
+        out[agent] = asyncio.run(room(agent, seconds))
+
+    threads = [threading.Thread(target=thread, args=args) for args in (("agent-2", 0.6), ("agent-3", 1.2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(out) == {"agent-2", "agent-3"}
+    for agent, seconds in (("agent-2", 0.6), ("agent-3", 1.2)):
+        done, attributes, reply, shutdowns = out[agent]
+        assert done.playback_position == pytest.approx(seconds, abs=0.02) and not done.interrupted
+        assert attributes[ATTRIBUTE_PUBLISH_ON_BEHALF] == agent
+        assert reply["type"] == "stats"
+        assert shutdowns == ["the agent left"]
+    assert engine.streams == 0, "each job closed its stream"
 
 
 def test_agent_server_runs_jobs_as_threads_with_the_engines_load():
@@ -458,8 +481,7 @@ def test_real_livekit_server_dispatches_the_worker_and_plays_an_utterance(engine
         try:
             await asyncio.sleep(2)                         # registered
             await room.connect(os.environ["LIVEKIT_URL"], token)
-            session = SimpleNamespace(output=SimpleNamespace(audio=None), on=lambda *a: None,
-                                      off=lambda *a: None)
+            session = _AgentSession()
             avatar = AvatarSession(agent_name=name, pose="still")
             await avatar.start(session, room)
             await avatar.wait_for_join(timeout=30)
