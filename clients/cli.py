@@ -347,13 +347,16 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_livekit_worker(args: argparse.Namespace) -> int:
     try:
-        from edtalk_live.integrations.livekit_worker import main_worker
+        from edtalk_live.integrations.livekit_worker import main_worker, worker_settings
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] != "livekit":
             raise
         raise EDTalkError(f"livekit-worker needs LiveKit Agents ({exc.name} is not installed): "
                           "pip install 'edtalk-live[livekit]'") from None
-    return main_worker(args)
+    settings = worker_settings(args)
+    print(f"avatar worker {settings.agent_name!r}: loading the model, then registering with {settings.url} "
+          "(Ctrl-C stops)", flush=True)
+    return main_worker(args, settings)
 
 
 def _run_token(args: argparse.Namespace) -> int:

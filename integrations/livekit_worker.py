@@ -47,7 +47,7 @@ from edtalk_live.integrations.livekit_avatar import (
 from edtalk_live.realtime.engine import AvatarEngine
 
 __all__ = ["AGENT_NAME", "DEFAULT_LOAD_THRESHOLD", "WorkerSettings", "build_agent_server", "engine_load",
-           "main_worker", "run_worker"]
+           "main_worker", "run_worker", "worker_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,10 @@ async def _serve(server: AgentServer, drain_timeout: int) -> None:
     await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if running.done():
         stopping.cancel()
-        running.result()                 # a failure to register raises here
+        try:
+            running.result()
+        except Exception as exc:         # a failure to register (a bad URL or key, the server unreachable)
+            raise EDTalkError(f"the LiveKit worker stopped: {exc}") from exc
         return
     logger.info("stopping: no more rooms; waiting up to %d s for %d rooms to end", drain_timeout,
                 len(server.active_jobs))
@@ -227,12 +230,10 @@ async def _serve(server: AgentServer, drain_timeout: int) -> None:
     running.cancel()
 
 
-def main_worker(args) -> int:
-    """``edtalk-live livekit-worker``: the engine from the model and avatar arguments (as ``serve``'s), then
-    :func:`run_worker`."""
+def worker_settings(args) -> WorkerSettings:
+    """The :class:`WorkerSettings` of ``livekit-worker``'s arguments, the LiveKit server's URL and key from
+    ``$LIVEKIT_URL``, ``$LIVEKIT_API_KEY`` and ``$LIVEKIT_API_SECRET`` where not given."""
     import os
-
-    from edtalk_live.realtime.server import ServerSettings
 
     credentials = {}
     for name, env in (("url", "LIVEKIT_URL"), ("api_key", "LIVEKIT_API_KEY"), ("api_secret", "LIVEKIT_API_SECRET")):
@@ -241,8 +242,16 @@ def main_worker(args) -> int:
             raise InputError(f"no LiveKit {name.replace('_', ' ')}: give --{name.replace('_', '-')} or set ${env}")
     if args.max_streams < 1:
         raise InputError(f"--max-streams must be >= 1, got {args.max_streams}")
-    settings = WorkerSettings(**credentials, agent_name=args.agent_name, load_threshold=args.load_threshold,
-                              http_port=args.http_port)
+    return WorkerSettings(**credentials, agent_name=args.agent_name, load_threshold=args.load_threshold,
+                          http_port=args.http_port)
+
+
+def main_worker(args, settings: WorkerSettings | None = None) -> int:
+    """``edtalk-live livekit-worker``: the engine from the model and avatar arguments (as ``serve``'s), then
+    :func:`run_worker`."""
+    from edtalk_live.realtime.server import ServerSettings
+
+    settings = settings or worker_settings(args)
     engine = AvatarEngine.build(args.weights, args.avatar, backend=args.backend, device=args.device,
                                 pose_video=args.pose_video, avatars_dir=args.avatars, align=not args.no_align,
                                 settings=ServerSettings(max_sessions=args.max_streams, max_batch=args.max_batch,
