@@ -26,7 +26,7 @@ from livekit.agents.voice.avatar import (  # noqa: E402
     DataStreamAudioOutput,
     DataStreamAudioReceiver,
 )
-from livekit_loopback import loopback_rooms  # noqa: E402
+from livekit_loopback import LoopbackRoom, loopback_rooms  # noqa: E402
 
 from edtalk_live.edtalk.errors import InputError  # noqa: E402
 from edtalk_live.integrations.livekit_avatar import (  # noqa: E402
@@ -441,6 +441,63 @@ def test_worker_jobs_in_two_threads_play_for_their_agents_until_they_leave(engin
         assert reply["type"] == "stats"
         assert shutdowns == ["the agent left"]
     assert engine.streams == 0, "each job closed its stream"
+
+
+@pytest.mark.slow
+def test_avatar_session_dispatches_the_worker_and_routes_the_agents_audio_to_it(engine, speech, monkeypatch):
+    """Remote mode end to end without a server: the plugin's dispatch (its metadata) goes to the worker's
+    ``accept_job`` (the avatar's identity, on behalf of the agent) and ``avatar_job``, in in-process rooms; the
+    agent's audio output is the plugin's ``DataStreamAudioOutput``, and the avatar's joining is seen."""
+    from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+
+    from edtalk_live.integrations.livekit import AvatarSession
+    from edtalk_live.integrations.livekit_worker import accept_job, avatar_job
+
+    async def main():
+        (agent_room,) = loopback_rooms("agent-7", name="room-7")
+        dispatched, jobs = [], []
+
+        async def dispatch(self, room_name, job, url, key, secret):
+            dispatched.append((room_name, job))
+            request = _Request(job.to_json())
+            await accept_job(request, engine=engine)
+            _, accepted = request.answer
+            avatar_room = LoopbackRoom(accepted["identity"], network=agent_room.network, name=room_name,
+                                       attributes=accepted["attributes"])
+            avatar_room.join()
+
+            async def connect(**_):
+                return None
+
+            ctx = SimpleNamespace(job=SimpleNamespace(metadata=job.to_json()), room=avatar_room, connect=connect,
+                                  shutdown=lambda reason: None)
+            jobs.append(asyncio.create_task(avatar_job(ctx, engine=engine)))
+
+        monkeypatch.setattr(AvatarSession, "_dispatch", dispatch)
+        session = _AgentSession()
+        avatar = AvatarSession(emotion="happy", pose="still")
+        await avatar.start(session, agent_room)
+        await avatar.wait_for_join(timeout=10)
+        output = session.output.audio
+        for frame in _frames(speech, 0.8, rate=24000, frame_ms=20):
+            await output.capture_frame(frame)
+        output.flush()
+        done = await asyncio.wait_for(output.wait_for_playout(), 8)
+        reply = await avatar.control({"type": "emotion", "name": "sad"})
+        attributes = dict(agent_room.remote_participants[avatar.avatar_identity].attributes)
+        await agent_room.disconnect()
+        await asyncio.wait_for(jobs[0], 5)
+        return dispatched, done, reply, attributes, avatar.avatar_identity, type(output).__name__
+
+    dispatched, done, reply, attributes, identity, output = asyncio.run(main())
+    ((room_name, job),) = dispatched
+    assert room_name == "room-7" and identity == f"{AGENT_NAME}-agent-7" == job.avatar_identity
+    assert job.agent_identity == "agent-7" and job.options == {"emotion": "happy", "pose": "still"}
+    assert attributes[ATTRIBUTE_PUBLISH_ON_BEHALF] == "agent-7"
+    assert output == "DataStreamAudioOutput"
+    assert done.playback_position == pytest.approx(0.8, abs=0.02) and not done.interrupted
+    assert reply["type"] == "ok"
+    assert engine.streams == 0
 
 
 def test_agent_server_runs_jobs_as_threads_with_the_engines_load():
