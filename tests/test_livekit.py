@@ -193,7 +193,7 @@ def test_generator_pairs_each_frame_with_its_voice_and_marks_the_end_of_the_utte
     assert np.median(level) > 1000, "the pushed voice is published with the frames"
     after = [item for _, item in items[i_marker + 3:] if isinstance(item, rtc.AudioFrame)]
     assert after and all(np.abs(np.frombuffer(a.data, np.int16)).max() == 0 for a in after), "silent after it"
-    assert t_start - pushed < delay + 0.15, "heard about delay_s after it was pushed"
+    assert t_start - pushed < delay + 0.25, "heard about delay_s after it was pushed"
 
     times = np.asarray([t for t, item in items if isinstance(item, rtc.VideoFrame)])
     assert 23.5 <= (len(times) - 1) / (times[-1] - times[0]) <= 26.5
@@ -234,7 +234,7 @@ def test_generator_clear_interrupts_at_once_reports_the_position_and_the_next_ut
     cleared = asyncio.run(main())
     (t_cut, i_cut, position, interrupted), (_, _, position2, interrupted2) = reports.finished
     assert interrupted and position == pytest.approx(0.5, abs=0.1), position
-    assert t_cut - cleared < 0.15, "reported at once"
+    assert t_cut - cleared < 0.25, "reported at once"
     assert not interrupted2 and position2 == pytest.approx(0.4, abs=0.02)
     assert [type(item).__name__ for _, item in items].count("AudioSegmentEnd") == 1, "only the utterance that ended"
     i_next = reports.started[1][1]
@@ -287,10 +287,10 @@ def test_local_avatar_session_publishes_the_avatar_and_reports_playback(engine, 
     assert sorted(p.kind for p in publications) == sorted([rtc.TrackKind.KIND_AUDIO, rtc.TrackKind.KIND_VIDEO])
     assert done.playback_position == pytest.approx(1.0, abs=0.02) and not done.interrupted
     assert [kind for _, kind, _ in events] == ["started", "finished"]
-    assert events[0][0] - pushed < 0.5, "playback starts about delay_s after the first audio"
+    assert events[0][0] - pushed < 0.6, "playback starts about delay_s after the first audio"
     times = np.asarray([t for t, _, _ in captured])
     assert len(times) > 25 and 23.5 <= (len(times) - 1) / (times[-1] - times[0]) <= 26.5, "25 fps published"
-    assert stats.stale <= 2 and stats.late_max_s < 0.1
+    assert stats.stale <= 2 and stats.late_max_s < 0.15
     assert engine.streams == 0, "aclose ends the stream"
 
 
@@ -342,10 +342,10 @@ def test_datastream_output_hears_full_and_interrupted_playback_from_the_receiver
     first, full, cut, cut_at, cut_reported, last, delay, stats = asyncio.run(main())
     assert full.playback_position == pytest.approx(1.0, abs=0.02) and not full.interrupted
     assert cut.interrupted and cut.playback_position == pytest.approx(0.5, abs=0.1), cut
-    assert cut_reported - cut_at < 0.2
+    assert cut_reported - cut_at < 0.3
     assert last.playback_position == pytest.approx(0.4, abs=0.02) and not last.interrupted
     assert [kind for _, kind, _ in events] == ["started", "finished"] * 3
-    assert events[0][0] - first < delay + 0.2, "the agent hears that playback started about delay_s later"
+    assert events[0][0] - first < delay + 0.3, "the agent hears that playback started about delay_s later"
     assert stats.utterances == 2 and stats.interrupted == 1 and stats.stale <= 2
 
 
