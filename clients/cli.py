@@ -114,17 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the WebRTC avatar server",
         description="Serve a talking avatar over WebRTC: POST /offer, a browser page at /, /health, /metrics.",
     )
-    serve.add_argument("--weights", metavar="DIR", help=WEIGHTS_HELP)
-    serve_avatar = serve.add_mutually_exclusive_group()
-    serve_avatar.add_argument("--avatar", metavar="IMAGE", help="the avatar: a photo with a face (default: the "
-                              "portrait shipped with the package)")
-    serve_avatar.add_argument("--avatars", metavar="DIR", help="a folder of avatar images; sessions pick one by name")
-    serve.add_argument("--no-align", action="store_true", help="take avatar images as given (already aligned crops)")
-    serve.add_argument("--pose-video", metavar="CLIP", help="driving clip for the 'clip' pose mode")
-    serve.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
-                       help="inference backend (auto: torch on a CUDA GPU, else onnxruntime, whose graphs are "
-                            "exported into the cache on the first start)")
-    serve.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    _add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="HTTP port (8080)")
     serve.add_argument("--max-sessions", type=int, default=8, metavar="N",
@@ -134,12 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, metavar="N",
                        help="worker processes behind the one address, each with its own sessions and model "
                        "(default: one per 2 CPU cores, at least 1, at most 8; 1: a single process)")
-    serve.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
-    serve.add_argument("--render-threads", type=int, default=1, metavar="N",
-                       help="CPU threads of the renderer (1: the other cores go to the sessions' media)")
-    serve.add_argument("--render-budget", type=float, default=None, metavar="S",
-                       help="seconds of output delay reserved for rendering, on top of the lip-sync look-ahead "
-                       "(default: measured from the frames rendered so far, 0.1 until then)")
+    _add_render_arguments(serve)
     serve.add_argument("--audio-prefetch", type=int, default=1, metavar="N",
                        help="audio frames (20 ms) the WebRTC receiver holds before use (1; aiortc's own default: 4)")
     serve.add_argument("--inactivity-timeout", type=float, default=8.0, metavar="S",
@@ -175,6 +160,29 @@ def build_parser() -> argparse.ArgumentParser:
                        "live=rtmp://a.rtmp.youtube.com/live2/KEY (repeatable; more in $EDTALK_LIVE_RTMP_TARGETS, "
                        "space-separated, which keeps stream keys out of ps)")
     serve.set_defaults(run=_run_serve)
+
+    livekit = commands.add_parser(
+        "livekit-worker",
+        help="play the avatar in LiveKit rooms: an agent server for LiveKit Agents (one per GPU)",
+        description="Register an avatar worker (agent name edtalk-avatar) with a LiveKit server: each room it is "
+        "dispatched to gets the avatar, speaking the agent's TTS audio (see the README's LiveKit section). Needs "
+        "the livekit extra: pip install 'edtalk-live[livekit]'.",
+    )
+    livekit.add_argument("--url", help="LiveKit server URL, e.g. wss://example.livekit.cloud (default: $LIVEKIT_URL)")
+    livekit.add_argument("--api-key", help="LiveKit API key (default: $LIVEKIT_API_KEY)")
+    livekit.add_argument("--api-secret", help="LiveKit API secret (default: $LIVEKIT_API_SECRET)")
+    _add_model_arguments(livekit)
+    _add_render_arguments(livekit)
+    livekit.add_argument("--max-streams", type=int, default=8, metavar="N",
+                         help="rooms this worker serves at once; then it declines more (8)")
+    livekit.add_argument("--load-threshold", type=float, default=0.8, metavar="X",
+                         help="load (0-1: the renderer's busy fraction, or streams over --max-streams) at which the "
+                         "worker is marked unavailable and gets no more rooms (0.8)")
+    livekit.add_argument("--agent-name", default="edtalk-avatar", metavar="NAME",
+                         help="agent name rooms dispatch the avatar by (edtalk-avatar)")
+    livekit.add_argument("--http-port", type=int, default=8081, metavar="PORT",
+                         help="health-check HTTP port (8081; give each worker of a box its own, or 0 for any)")
+    livekit.set_defaults(run=_run_livekit_worker)
 
     token = commands.add_parser(
         "token",
@@ -277,6 +285,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The weights, avatars and backend of a command that runs the real-time engine (``serve``,
+    ``livekit-worker``)."""
+    parser.add_argument("--weights", metavar="DIR", help=WEIGHTS_HELP)
+    avatar = parser.add_mutually_exclusive_group()
+    avatar.add_argument("--avatar", metavar="IMAGE", help="the avatar: a photo with a face (default: the "
+                        "portrait shipped with the package)")
+    avatar.add_argument("--avatars", metavar="DIR", help="a folder of avatar images; sessions pick one by name")
+    parser.add_argument("--no-align", action="store_true", help="take avatar images as given (already aligned crops)")
+    parser.add_argument("--pose-video", metavar="CLIP", help="driving clip for the 'clip' pose mode")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                        help="inference backend (auto: torch on a CUDA GPU, else onnxruntime, whose graphs are "
+                             "exported into the cache on the first start)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def _add_render_arguments(parser: argparse.ArgumentParser) -> None:
+    """The frame scheduler's batching and the render budget (``serve``, ``livekit-worker``)."""
+    parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="frames per renderer call (16)")
+    parser.add_argument("--render-threads", type=int, default=1, metavar="N",
+                        help="CPU threads of the renderer (1: the other cores go to the sessions' media)")
+    parser.add_argument("--render-budget", type=float, default=None, metavar="S",
+                        help="seconds of output delay reserved for rendering, on top of the lip-sync look-ahead "
+                        "(default: measured from the frames rendered so far, 0.1 until then)")
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -345,6 +379,20 @@ def _run_serve(args: argparse.Namespace) -> int:
     from edtalk_live.realtime.serve import serve
 
     return serve(args)
+
+
+def _run_livekit_worker(args: argparse.Namespace) -> int:
+    try:
+        from edtalk_live.integrations.livekit_worker import main_worker, worker_settings
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "livekit":
+            raise
+        raise EDTalkError(f"livekit-worker needs LiveKit Agents ({exc.name} is not installed): "
+                          "pip install 'edtalk-live[livekit]'") from None
+    settings = worker_settings(args)
+    print(f"avatar worker {settings.agent_name!r}: loading the model, then registering with {settings.url} "
+          "(Ctrl-C stops)", flush=True)
+    return main_worker(args, settings)
 
 
 def _run_token(args: argparse.Namespace) -> int:
