@@ -384,8 +384,8 @@ def agent_server(url: str, load_fnc: Callable[[], float], entrypoint, *, agent_n
 
 class AvatarJobs:
     """A simulated avatar worker's jobs: each room opens one stream on the shared engine and pushes speech-like
-    audio in real time for ``seconds`` (the job's metadata, JSON) or until it is terminated; the streams' counters
-    are kept (also after they close) for the stats lines."""
+    audio in real time for ``seconds`` (the job's metadata, JSON), then ends its job; the streams' counters are
+    kept (also after they close) for the stats lines."""
 
     def __init__(self, engine, audio):
         self.engine = engine
