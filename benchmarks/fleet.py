@@ -65,8 +65,8 @@ __all__ = ["AGENT_NAME", "Dispatch", "Dispatcher", "NoCapacity", "RegisteredWork
 
 logger = logging.getLogger("edtalk_live.benchmarks.fleet")     # also when run as __main__
 
-#: the agent name the simulated avatar workers register with (explicit dispatch), as the avatar worker's
-AGENT_NAME = "edtalk-avatar"
+#: the agent name the simulated avatar workers register with (explicit dispatch): the avatar worker's
+from edtalk_live.integrations.livekit_avatar import AGENT_NAME  # noqa: E402
 #: seconds a worker has to answer an availability request (livekit-server ``agent.AssignJobTimeout``)
 ASSIGN_TIMEOUT = 10.0
 #: a room's utterances: seconds of speech pushed in real time, then ``end()``
@@ -370,16 +370,15 @@ class Dispatcher:
 def agent_server(url: str, load_fnc: Callable[[], float], entrypoint, *, agent_name: str = AGENT_NAME,
                  load_threshold: float = 0.8, idle_jobs: int = 1, api_key: str = DEV_KEY,
                  api_secret: str = DEV_SECRET):
-    """A LiveKit Agents ``AgentServer`` as an avatar worker runs one: jobs as threads of this process (so they share
-    one engine), ``load_fnc`` its load (0..1), ``WS_FULL`` from ``load_threshold`` on, ``idle_jobs`` job threads
-    kept warm, its HTTP health port a free one. Run it with ``await server.run()``; ``await server.aclose()``."""
-    from livekit import agents
+    """A LiveKit Agents ``AgentServer`` as an avatar worker runs one (:func:`edtalk_live.integrations.livekit_worker.
+    agent_server`), registering at ``url``, its HTTP health port a free one. Run it with ``await server.run()``;
+    ``await server.aclose()``."""
+    from edtalk_live.integrations.livekit_worker import WorkerSettings
+    from edtalk_live.integrations.livekit_worker import agent_server as worker_agent_server
 
-    server = agents.AgentServer(job_executor_type=agents.JobExecutorType.THREAD, load_threshold=load_threshold,
-                                num_idle_processes=idle_jobs, ws_url=url, api_key=api_key, api_secret=api_secret,
-                                host="127.0.0.1", port=0, load_fnc=lambda: float(load_fnc()), max_retry=2)
-    server.rtc_session(entrypoint, agent_name=agent_name)
-    return server
+    settings = WorkerSettings(url=url, api_key=api_key, api_secret=api_secret, agent_name=agent_name,
+                              load_threshold=load_threshold, http_port=0, idle_jobs=idle_jobs)
+    return worker_agent_server(settings, load_fnc, entrypoint)
 
 
 class AvatarJobs:

@@ -29,6 +29,7 @@ import functools
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from livekit import rtc
@@ -71,6 +72,9 @@ class WorkerSettings:
     load_threshold: float = DEFAULT_LOAD_THRESHOLD
     http_port: int = DEFAULT_HTTP_PORT
     drain_timeout: int = DRAIN_TIMEOUT_S
+    #: job threads kept started: LiveKit counts a job being started as load (threshold / idle jobs) and, with
+    #: none, makes a thread per room as it comes
+    idle_jobs: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.load_threshold <= 1.0:
@@ -93,25 +97,34 @@ def build_agent_server(engine: AvatarEngine, settings: WorkerSettings | None = N
     """The ``AgentServer`` of an avatar worker on ``engine`` (started by the caller before it runs): jobs as
     threads, explicit dispatch by ``settings.agent_name``, load from :func:`engine_load` against
     ``settings.load_threshold``."""
-    settings = settings or WorkerSettings()
+    return agent_server(settings or WorkerSettings(), lambda: engine_load(engine),
+                        functools.partial(avatar_job, engine=engine),
+                        on_request=functools.partial(accept_job, engine=engine))
+
+
+def agent_server(settings: WorkerSettings, load: Callable[[], float], entrypoint,
+                 on_request=None) -> AgentServer:
+    """An ``AgentServer`` as an avatar worker runs one, with any ``load`` (0..1, no arguments) and job
+    ``entrypoint`` (the fleet simulation's stand-in jobs too): jobs as threads of this process (so they share
+    one engine), ``WS_FULL`` from ``settings.load_threshold`` on."""
     lock = threading.Lock()         # LiveKit asks for the load from its executor threads, sometimes two at once
 
-    def load() -> float:
+    def load_now() -> float:        # no parameters: LiveKit passes the server to a load function that takes any
         with lock:
-            return engine_load(engine)
+            return float(load())
 
     server = AgentServer(
         job_executor_type=JobExecutorType.THREAD,
-        load_fnc=load,
+        load_fnc=load_now,
         load_threshold=settings.load_threshold,
+        num_idle_processes=settings.idle_jobs,
         ws_url=settings.url,
         api_key=settings.api_key,
         api_secret=settings.api_secret,
         port=settings.http_port,
         drain_timeout=settings.drain_timeout,
     )
-    server.rtc_session(functools.partial(avatar_job, engine=engine), agent_name=settings.agent_name,
-                       on_request=functools.partial(accept_job, engine=engine))
+    server.rtc_session(entrypoint, agent_name=settings.agent_name, on_request=on_request)
     return server
 
 
