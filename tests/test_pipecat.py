@@ -236,6 +236,40 @@ def test_local_service_speaks_in_sync_idles_and_stops_on_interruption(edtalk_wei
     assert abs(report["pairing_error_ms"]) < 4, "each frame carries its own voice"
 
 
+@pytest.mark.slow
+def test_two_bots_share_one_engine(edtalk_weights, face_image, speech):
+    """Two pipelines on one loop, each with its own service on the same engine: each hears its own utterance."""
+    from edtalk_live.realtime.engine import AvatarEngine
+    from edtalk_live.realtime.server import ServerSettings
+
+    engine = AvatarEngine.build(edtalk_weights, face_image, settings=ServerSettings(max_sessions=2), align=False,
+                                cache=False)
+    engine.start()
+
+    async def bot(seconds: float, offset: float):
+        service = EdTalkVideoService(engine=engine, options={"pose": "still"})
+        events: list[dict] = []
+        service.add_event_handler("on_playback_finished", lambda _s, e: events.append(e))
+        frames = [SleepFrame(0.3), *_tts(speech, seconds, offset), TTSStoppedFrame(), SleepFrame(seconds + 0.8)]
+        down, _ = await run_test(service, frames_to_send=frames, start_timeout=30,
+                                 pipeline_params=PipelineParams(audio_out_sample_rate=TTS_RATE))
+        voice = [np.frombuffer(f.audio, np.int16) for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
+        return events, voice
+
+    async def main():
+        return await asyncio.gather(bot(0.6, 0.0), bot(1.0, 3.0))
+
+    try:
+        results = asyncio.run(main())
+        assert engine.streams == 0
+    finally:
+        engine.stop()
+    for (events, voice), seconds in zip(results, (0.6, 1.0), strict=True):
+        assert [e["position"] for e in events] == [pytest.approx(seconds, abs=0.05)], events
+        loud = sum(int(np.abs(v.astype(np.int32)).max() > 1000) for v in voice)
+        assert seconds * 25 * 0.5 < loud < seconds * 25 + 5, (seconds, loud)
+
+
 # ------------------------------------------------------------------------------------------------ remote
 
 
