@@ -10,7 +10,8 @@ audio before it has played (``sync_with_audio``). ``TTSStoppedFrame`` ends the u
 Tavus and Simli services do, is not passed on: the avatar's voice is still to come); an
 :class:`InterruptionFrame` stops the avatar at once (queued speech dropped, the mouth closes) and silences voice
 still on its way here, and is passed on, so the output transport drops what it holds, as pipecat expects.
-``StartFrame`` opens the avatar (pipecat's ``setup`` connects it), ``EndFrame`` and ``CancelFrame`` close it.
+``StartFrame`` opens the avatar (pipecat's ``setup`` connects it); ``EndFrame`` closes it once the speech pushed
+so far has played, ``CancelFrame`` at once.
 
 Two backends behind one small interface (:class:`AvatarBackend`):
 
@@ -570,7 +571,8 @@ class EdTalkVideoService(AIService):
     secret) or ``backend`` (an :class:`AvatarBackend`). ``options``: the session's (``avatar``, ``emotion``,
     ``intensity``, ``pose``, ...). ``sync_with_audio`` (default) has the output transport show each image when the
     audio before it has played (pipecat's ``OutputImageRawFrame.sync_with_audio``; leave the transport's
-    ``video_out_is_live`` off); False sends the images as they come, for a live video output.
+    ``video_out_is_live`` off); False sends the images as they come, for a live video output. ``EndFrame`` lets
+    the speech pushed so far play to its end (at most ``end_timeout`` seconds); ``CancelFrame`` stops at once.
 
     Events: ``on_playback_started(service, event)`` when an utterance starts to play,
     ``on_playback_finished(service, event)`` when it has played (``event["position"]``: seconds played,
@@ -579,7 +581,8 @@ class EdTalkVideoService(AIService):
 
     def __init__(self, *, engine: AvatarEngine | None = None, server: str | None = None,
                  backend: AvatarBackend | None = None, options: dict[str, Any] | None = None,
-                 token: str | None = None, sync_with_audio: bool = True, connect_timeout: float = 20.0, **kwargs):
+                 token: str | None = None, sync_with_audio: bool = True, connect_timeout: float = 20.0,
+                 end_timeout: float = 30.0, **kwargs):
         kwargs.setdefault("settings", ServiceSettings(model=None))
         super().__init__(**kwargs)
         given = [x for x in (engine, server, backend) if x is not None]
@@ -591,6 +594,7 @@ class EdTalkVideoService(AIService):
                        RemoteAvatar(server, options, token=token, connect_timeout=connect_timeout))
         self.backend = backend
         self.sync_with_audio = sync_with_audio
+        self.end_timeout = end_timeout
         self.frames_out = 0
         self._opened = False
         self._open_error: BaseException | None = None
@@ -598,6 +602,7 @@ class EdTalkVideoService(AIService):
         self._tasks: list[asyncio.Task] = []
         self._utterance_open = False      # pushes go to an utterance not ended yet
         self._playing = 0                 # utterances pushed and not finished
+        self._quiet = asyncio.Event()     # set when the last of them finished
         self._mute_until: float | None = None     # after an interruption: voice still on its way is silenced
         self._cleared = False             # ... until the backend said it stopped, and a silent frame came
         self._register_event_handler("on_playback_started")
@@ -628,7 +633,16 @@ class EdTalkVideoService(AIService):
                            self.create_task(self._read_events(), "edtalk-events")]
 
     async def stop(self, frame: EndFrame):
+        """A graceful end: what was pushed plays to its end first (at most ``end_timeout`` seconds)."""
         await super().stop(frame)
+        if self._opened and self._tasks and self._playing:
+            self._quiet.clear()
+            if self._utterance_open:
+                self._utterance_open = False
+                await self._call_backend(self.backend.end())
+            if self._playing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._quiet.wait(), self.end_timeout)
         await self._close()
 
     async def cancel(self, frame: CancelFrame):
@@ -719,6 +733,8 @@ class EdTalkVideoService(AIService):
                 await self._call_event_handler("on_playback_started", event)
             elif kind == "playback_finished":
                 self._playing = max(0, self._playing - 1)
+                if not self._playing:
+                    self._quiet.set()
                 if event.get("interrupted"):
                     self._cleared = True
                 await self._call_event_handler("on_playback_finished", event)

@@ -238,7 +238,8 @@ def test_local_service_speaks_in_sync_idles_and_stops_on_interruption(edtalk_wei
 
 @pytest.mark.slow
 def test_two_bots_share_one_engine(edtalk_weights, face_image, speech):
-    """Two pipelines on one loop, each with its own service on the same engine: each hears its own utterance."""
+    """Two pipelines on one loop, each with its own service on the same engine: each hears its own utterance, to
+    its end even when the pipeline ends (EndFrame) while it still plays."""
     from edtalk_live.realtime.engine import AvatarEngine
     from edtalk_live.realtime.server import ServerSettings
 
@@ -246,18 +247,18 @@ def test_two_bots_share_one_engine(edtalk_weights, face_image, speech):
                                 cache=False)
     engine.start()
 
-    async def bot(seconds: float, offset: float):
+    async def bot(seconds: float, offset: float, wait: float):
         service = EdTalkVideoService(engine=engine, options={"pose": "still"})
         events: list[dict] = []
         service.add_event_handler("on_playback_finished", lambda _s, e: events.append(e))
-        frames = [SleepFrame(0.3), *_tts(speech, seconds, offset), TTSStoppedFrame(), SleepFrame(seconds + 0.8)]
+        frames = [SleepFrame(0.3), *_tts(speech, seconds, offset), TTSStoppedFrame(), SleepFrame(wait)]
         down, _ = await run_test(service, frames_to_send=frames, start_timeout=30,
                                  pipeline_params=PipelineParams(audio_out_sample_rate=TTS_RATE))
         voice = [np.frombuffer(f.audio, np.int16) for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
         return events, voice
 
     async def main():
-        return await asyncio.gather(bot(0.6, 0.0), bot(1.0, 3.0))
+        return await asyncio.gather(bot(0.6, 0.0, 1.4), bot(1.0, 3.0, 0.1))
 
     try:
         results = asyncio.run(main())
