@@ -597,6 +597,7 @@ class EdTalkVideoService(AIService):
         self.end_timeout = end_timeout
         self.frames_out = 0
         self._opened = False
+        self._dropping = False            # TTS audio came while not open (said once)
         self._open_error: BaseException | None = None
         self._out_rate = 24_000
         self._tasks: list[asyncio.Task] = []
@@ -678,7 +679,9 @@ class EdTalkVideoService(AIService):
 
     async def _speak(self, frame: TTSAudioRawFrame) -> None:
         if not self._opened:
-            logger.warning("the avatar is not open: TTS audio dropped")
+            if not self._dropping:
+                self._dropping = True
+                logger.warning("the avatar is not open: its TTS audio is dropped")
             return
         samples = to_mono_int16(frame.audio, frame.num_channels)
         if not len(samples):
@@ -701,7 +704,7 @@ class EdTalkVideoService(AIService):
     async def _call_backend(self, call) -> None:
         try:
             await call
-        except EDTalkError as e:
+        except (EDTalkError, ConnectionError) as e:
             await self.push_error(error_msg=f"the avatar: {e}", exception=e)
 
     # ------------------------------------------------------------------ frames out
