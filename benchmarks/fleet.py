@@ -67,6 +67,7 @@ logger = logging.getLogger("edtalk_live.benchmarks.fleet")     # also when run a
 
 #: the agent name the simulated avatar workers register with (explicit dispatch): the avatar worker's
 from edtalk_live.integrations.livekit_avatar import AGENT_NAME  # noqa: E402
+
 #: seconds a worker has to answer an availability request (livekit-server ``agent.AssignJobTimeout``)
 ASSIGN_TIMEOUT = 10.0
 #: a room's utterances: seconds of speech pushed in real time, then ``end()``
