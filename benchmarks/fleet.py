@@ -60,13 +60,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+# the agent name the simulated avatar workers register with (explicit dispatch): the avatar worker's
+from edtalk_live.integrations.livekit_avatar import AGENT_NAME
+
 __all__ = ["AGENT_NAME", "Dispatch", "Dispatcher", "NoCapacity", "RegisteredWorker", "agent_server", "main",
            "weighted_pick"]
 
 logger = logging.getLogger("edtalk_live.benchmarks.fleet")     # also when run as __main__
-
-#: the agent name the simulated avatar workers register with (explicit dispatch): the avatar worker's
-from edtalk_live.integrations.livekit_avatar import AGENT_NAME  # noqa: E402
 
 #: seconds a worker has to answer an availability request (livekit-server ``agent.AssignJobTimeout``)
 ASSIGN_TIMEOUT = 10.0

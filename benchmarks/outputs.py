@@ -197,25 +197,23 @@ class WhepRecorder:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
 
     async def _read(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
-
+        from edtalk_live.realtime.client import each_frame
         from edtalk_live.realtime.probe import read_index
 
         rec = self.recording
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+
+        def add(frame) -> None:
             wall = time.time()
             if track.kind == "video":
                 rec.add_frame(read_index(frame.to_ndarray(format="rgb24")), wall)
-            else:
-                rec.audio_rate = frame.sample_rate
-                samples = frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1, dtype=np.float32)
-                if frame.format.name == "s16":
-                    samples /= 32768.0
-                rec.add_voice(samples, frame.pts, wall)
+                return
+            rec.audio_rate = frame.sample_rate
+            samples = frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1, dtype=np.float32)
+            if frame.format.name == "s16":
+                samples /= 32768.0
+            rec.add_voice(samples, frame.pts, wall)
+
+        await each_frame(track, add, f"{track.kind} frame")
 
     async def stop(self) -> Recording:
         import aiohttp

@@ -68,6 +68,7 @@ from edtalk_live.realtime.audio_in import shorten_audio_buffer
 from edtalk_live.realtime.client import (
     FileAudioTrack,
     bearer,
+    each_frame,
     negotiate,
     peer_connection,
     server_config,
@@ -358,18 +359,13 @@ class DesktopClient:
     # ------------------------------------------------------------------------------------------ media
 
     async def _read_voice(self, track, buffer: VoiceBuffer | None) -> None:
-        resampler = None
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if buffer is None:
-                continue
-            try:
-                resampler = self._voice_frame(frame, buffer, resampler)
-            except Exception:  # noqa: BLE001 - one bad frame must not end the voice
-                logger.exception("a voice frame failed")
+        resampler = [None]
+
+        def add(frame) -> None:
+            if buffer is not None:
+                resampler[0] = self._voice_frame(frame, buffer, resampler[0])
+
+        await each_frame(track, add, "voice frame")
 
     def _voice_frame(self, frame: av.AudioFrame, buffer: VoiceBuffer, resampler):
         """Put one received voice frame into the buffer; returns the resampler (made when first needed)."""
@@ -417,25 +413,18 @@ class DesktopClient:
         return min(max(voice + VOICE_PREFETCH * VOICE_PTIME - delay, 0.0), MAX_HOLD_S)
 
     async def _read_video(self, track, outputs: list[FrameOutput]) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        def add(frame) -> None:
             now = time.monotonic()
             self.report.frames += 1
             self._arrivals.append(now)
-            try:
-                image = frame.to_ndarray(format="rgb24")
-                item = VideoItem(image, now, now + self.video_hold(),
-                                 read_index(image) if self.options.probe else None)
-            except Exception:  # noqa: BLE001 - one bad frame must not end the video
-                logger.exception("a video frame failed")
-                continue
+            image = frame.to_ndarray(format="rgb24")
+            item = VideoItem(image, now, now + self.video_hold(), read_index(image) if self.options.probe else None)
             for out in outputs:
                 out.put(item)
             if not outputs:                              # nothing shows it: count it as shown when due
                 self._on_shown(item, item.due)
+
+        await each_frame(track, add, "video frame")
 
     # ------------------------------------------------------------------------------------------ measuring
 

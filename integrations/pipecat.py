@@ -69,6 +69,7 @@ except ModuleNotFoundError as e:        # pragma: no cover - the extra is in dev
 
 from edtalk_live.edtalk.errors import EDTalkError, InputError
 from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE
+from edtalk_live.realtime.client import each_frame
 
 if TYPE_CHECKING:
     from edtalk_live.realtime.engine import AvatarEngine, AvatarStream
@@ -494,35 +495,21 @@ class RemoteAvatar(AvatarBackend):
 
     # ------------------------------------------------------------------ media down
     async def _read_video(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
+        def add(frame) -> None:
+            self.pairing.add_video(int(frame.pts), frame.to_ndarray(format="rgb24"), time.monotonic())
 
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            try:
-                self.pairing.add_video(int(frame.pts), frame.to_ndarray(format="rgb24"), time.monotonic())
-            except Exception:  # noqa: BLE001 - one bad frame must not end the video
-                logger.exception("a received video frame failed")
+        await each_frame(track, add, "video frame")
 
     async def _read_voice(self, track) -> None:
-        from aiortc.mediastreams import MediaStreamError
+        def add(frame) -> None:
+            pts = int(round(frame.pts * frame.time_base * FramePairing.VOICE_RATE))
+            x = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
+            if frame.sample_rate != FramePairing.VOICE_RATE:         # (Opus is always 48 kHz)
+                x = np.interp(np.arange(round(len(x) * FramePairing.VOICE_RATE / frame.sample_rate)),
+                              np.arange(len(x)) * FramePairing.VOICE_RATE / frame.sample_rate, x)
+            self.pairing.add_voice(pts, x.round().astype(np.int16), time.monotonic())
 
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            try:
-                pts = int(round(frame.pts * frame.time_base * FramePairing.VOICE_RATE))
-                x = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
-                if frame.sample_rate != FramePairing.VOICE_RATE:         # (Opus is always 48 kHz)
-                    x = np.interp(np.arange(round(len(x) * FramePairing.VOICE_RATE / frame.sample_rate)),
-                                  np.arange(len(x)) * FramePairing.VOICE_RATE / frame.sample_rate, x)
-                self.pairing.add_voice(pts, x.round().astype(np.int16), time.monotonic())
-            except Exception:  # noqa: BLE001 - one bad frame must not end the voice
-                logger.exception("a received voice frame failed")
+        await each_frame(track, add, "voice frame")
 
     def _put_frame(self, frame: AvatarFrame) -> None:
         if self._frames.qsize() >= FRAME_QUEUE:

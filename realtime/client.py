@@ -254,6 +254,22 @@ class _Writer:
             raise EDTalkError(f"could not record {self.path}: {self.error}")
 
 
+async def each_frame(track, on_frame: Callable[[Any], Any], what: str = "frame") -> None:
+    """Receive ``track`` until it ends, calling ``on_frame(frame)`` for each frame as it comes; an exception of
+    ``on_frame`` is logged and the next frame comes (one bad frame must not end a track)."""
+    from aiortc.mediastreams import MediaStreamError
+
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        try:
+            on_frame(frame)
+        except Exception:  # noqa: BLE001 - see above
+            logger.exception("a received %s failed", what)
+
+
 def peer_connection(config: dict[str, Any]):
     """A new ``RTCPeerConnection`` with the ICE servers of the server's ``config`` (:func:`server_config`); none
     when it gives none (aiortc's default for None would ask a public STUN server)."""
