@@ -690,7 +690,8 @@ async def _in_process_server(weights: Path, avatar: Path, args: argparse.Namespa
     # every client of a level connects at once from this host: no per-address offer rate
     settings = ServerSettings(port=port, max_sessions=max(args.sessions), render_budget=args.render_budget,
                               max_batch=args.max_batch, offer_rate=None,
-                              rtmp_targets={RTMP_TARGET: args.rtmp_url} if args.rtmp_url else {})
+                              rtmp_targets={RTMP_TARGET: rtmp_url} if (rtmp_url := getattr(args, "rtmp_url", None))
+                              else {})
     server = build_server(weights, avatar, backend=args.backend, device=args.device, settings=settings,
                           **_no_alignment())
     cfg = server.renderer.config
@@ -769,7 +770,8 @@ async def spawn_server(cmd: Sequence[str], port: int, log_dir: Path, cpus: set[i
 
 @contextlib.asynccontextmanager
 async def _child_server(weights: Path, avatar: Path, args: argparse.Namespace, model_note: str, log_dir: Path):
-    extra = ["--rtmp-target", f"{RTMP_TARGET}={args.rtmp_url}"] if args.rtmp_url else []
+    rtmp_url = getattr(args, "rtmp_url", None)        # (other benchmarks start servers here too, without outputs)
+    extra = ["--rtmp-target", f"{RTMP_TARGET}={rtmp_url}"] if rtmp_url else []
     async with server_process(weights, avatar, log_dir, backend=args.backend, max_sessions=max(args.sessions),
                               max_batch=args.max_batch, render_budget=args.render_budget,
                               device=args.device, extra=extra) as (url, proc, health, config):

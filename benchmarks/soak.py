@@ -80,6 +80,7 @@ BUFFER_BOUNDS: dict[str, int] = {
     "lip_samples": SAMPLE_RATE,          # the lip sync's raw samples (about 1.5k in use)
     "lip_mel_frames": 200,               # its mel frames (a few dozen)
     "lip_frames": 25,                    # its coefficients awaiting output (a few)
+    "sink_queue": 2 * FPS,               # chunks waiting in a sink (WebRTC: 2 frames, 400 ms of voice)
     "scheduler_queue": 50,               # the session's frames waiting for the renderer
     "arrivals": 400,                     # audio arrivals kept for the latency (a deque of 400)
     "tasks": 60,                         # its tasks: producer, audio in, renders in flight
