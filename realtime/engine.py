@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import logging
 import threading
 import time
@@ -97,7 +98,7 @@ class AvatarStream:
 
     def control(self, message: dict[str, Any]) -> dict[str, Any]:
         """A control message, as on a WebRTC session's channel (emotion, intensity, pose, pause, resume, stats)."""
-        return self._call(lambda s: self.engine.server._control(s, _json(message)), wait=True)
+        return self._call(lambda s: self.engine.server._control(s, json.dumps(message)), wait=True)
 
     def close(self) -> None:
         """End the stream (idempotent); its readers end."""
@@ -139,12 +140,6 @@ class AvatarStream:
             return fn(peer.session)
 
         return self.engine._run(call(), wait=wait)
-
-
-def _json(message: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(message)
 
 
 class AvatarEngine:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edtalk_live.edtalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from edtalk_live.edtalk.timing import FPS, SAMPLES_PER_FRAME
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,3 @@ class ThreadSink(Sink):
 def split_voice(chunk: MediaChunk, parts: int) -> list[np.ndarray]:
     """The chunk's voice in ``parts`` equal pieces (2: the 20 ms frames Opus sends)."""
     return np.split(chunk.voice, parts)
-
-
-#: samples of one 20 ms voice frame (WebRTC's packet time)
-VOICE_FRAME_SAMPLES = SAMPLE_RATE // 50

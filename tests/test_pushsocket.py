@@ -31,7 +31,8 @@ def _tts(speech: np.ndarray, seconds: float, offset: float = 0.0) -> bytes:
 async def _viewer(url: str, options: dict):
     """A WebRTC peer that only receives (no microphone); returns (pc, session id, received video/voice counters)."""
     from aiortc import RTCPeerConnection, RTCSessionDescription
-    from aiortc.mediastreams import MediaStreamError
+
+    from edtalk_live.realtime.client import each_frame
 
     pc = RTCPeerConnection()
     pc.addTransceiver("audio", direction="recvonly")
@@ -39,15 +40,13 @@ async def _viewer(url: str, options: dict):
     got = {"video": [], "voice": []}
 
     async def read(track):
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
+        def add(frame):
             if track.kind == "video":
                 got["video"].append(time.monotonic())
             else:
                 got["voice"].append((time.monotonic(), float(np.abs(frame.to_ndarray()).mean())))
+
+        await each_frame(track, add)
 
     pc.on("track", lambda track: asyncio.ensure_future(read(track)))
     await pc.setLocalDescription(await pc.createOffer())

@@ -100,22 +100,21 @@ class WhepViewer:
 
     async def start(self, timeout: float = 20.0) -> None:
         from aiortc import RTCSessionDescription
-        from aiortc.mediastreams import MediaStreamError
+
+        from edtalk_live.realtime.client import each_frame
 
         pc = self.pc
         pc.addTransceiver("video", direction="recvonly")
         pc.addTransceiver("audio", direction="recvonly")
 
         async def read(track):
-            while True:
-                try:
-                    frame = await track.recv()
-                except MediaStreamError:
-                    return
+            def add(frame):
                 if track.kind == "video":
                     self.frames.append((time.monotonic(), frame.pts, frame.to_ndarray(format="rgb24")))
                 else:
                     self.audio_samples += frame.samples
+
+            await each_frame(track, add)
 
         pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(read(track))))
         await pc.setLocalDescription(await pc.createOffer())
